@@ -1,0 +1,35 @@
+# Every target creates or reuses .venv and installs what it needs.
+# TORCH_SPEC pins the CPU wheel available on the reference machine; elsewhere
+# `make test TORCH_SPEC=torch` takes whatever build fits your platform.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: test bench venv clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
+venv: $(VENV)/.test
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.bench
+	$(PY) scripts/bench_generate.py
+
+clean:
+	rm -rf $(VENV) runs
