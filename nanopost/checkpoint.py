@@ -1,0 +1,184 @@
+"""Hugging Face model directories: config.json + safetensors (single file or sharded).
+
+Loading is strict: every tensor the model needs must be in the files with the right shape, and
+every tensor in the files must be used. Weights are read only from safetensors, never from
+pickles. What `save_model` writes loads in transformers, and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .model import ModelConfig, Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write via a temp file in the same directory and rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside the weights (tokenizer.json + tokenizer_config.json)."""
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    file = Path(path) / "config.json"
+    return ModelConfig.from_hf(read_json(file), source=str(file))
+
+
+def _weight_files(root: Path) -> dict[str, Path]:
+    """tensor name -> file it lives in (from the shard index, or the single file's header)."""
+    index = root / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: missing field \"weight_map\"")
+        files = {name: root / f for name, f in weight_map.items()}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: shard listed in {index} not found")
+        return files
+    single = root / SINGLE_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"{root}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    with _open(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def load_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
+    """Load an HF checkpoint directory. dtype=None keeps the dtype stored in the files."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: checkpoint directory not found")
+    cfg = load_config(root)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    files = _weight_files(root)
+    if cfg.tie_word_embeddings:
+        files.pop("lm_head.weight", None)  # some writers store the tied copy too; it is redundant
+
+    missing = [n for n in expected if n not in files]
+    if missing:
+        raise ValueError(f"{root}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = [n for n in files if n not in expected]
+    if unexpected:
+        raise ValueError(f"{files[unexpected[0]]}: unexpected tensor(s) {', '.join(unexpected[:5])}")
+
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            for name in names:
+                try:
+                    t = f.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{file}: cannot read tensor {name} ({e})") from None
+                want = tuple(expected[name].shape)
+                if tuple(t.shape) != want:
+                    raise ValueError(
+                        f"{file}: tensor {name} has shape {tuple(t.shape)}, the config needs {want}"
+                    )
+                state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def save_model(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Write config.json, generation_config.json and safetensors weights (sharded above max_shard_bytes)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {
+        n: t.detach().to(dtype=dtype or t.dtype, device="cpu").contiguous()
+        for n, t in model.state_dict().items()
+        if not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    }
+    dtype_name = {v: k for k, v in DTYPES.items()}[next(iter(state.values())).dtype]
+    hf = {**cfg.to_hf(), "torch_dtype": dtype_name, "dtype": dtype_name}
+    write_atomic(root / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2) + "\n"))
+    gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                             ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    write_atomic(root / "generation_config.json", lambda f: Path(f).write_text(json.dumps(gen, indent=2) + "\n"))
+
+    shards = _split(state, max_shard_bytes)
+    for stale in list(root.glob("model*.safetensors")) + [root / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        write_atomic(root / SINGLE_FILE, lambda f: save_file(shards[0], f, metadata=meta))
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_atomic(root / name, lambda f, s=shard: save_file(s, f, metadata=meta))
+        weight_map.update({n: name for n in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_atomic(root / INDEX_FILE, lambda f: Path(f).write_text(json.dumps(index, indent=2) + "\n"))
+
+
+def _split(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_bytes and shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards

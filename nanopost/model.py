@@ -1,0 +1,442 @@
+"""A decoder-only transformer that reads Llama, Qwen2 and Qwen3 checkpoints.
+
+The three families are one architecture with a few switches:
+
+    Llama  : RMSNorm, RoPE (optionally "llama3"-scaled), GQA, SwiGLU, optional biases
+    Qwen2  : Llama + bias on the q/k/v projections
+    Qwen3  : Llama + RMSNorm on each query/key head before RoPE, explicit head_dim
+
+Module and parameter names mirror Hugging Face's, so a checkpoint's state dict loads with
+`strict=True` and no renaming table. The model knows nothing of training or sampling: it maps
+token ids (plus optional positions, padding mask, packing segments and a KV cache) to logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen2"
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v/o (Llama, Qwen3); Qwen2 always has q/k/v bias
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type != "qwen2" and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+    def validate(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        rope_type = rope_type_of(self.rope_scaling)
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+    # ---- Hugging Face config.json <-> ModelConfig ----
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Read a transformers config dict, refusing values this model would silently get wrong."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported; supported: 'silu'")
+        if hf.get("use_sliding_window", False):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported; only full attention is")
+        layer_types = set(hf.get("layer_types") or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(f"{source}: layer_types {sorted(layer_types)} not supported; only 'full_attention'")
+        if hf.get("pretraining_tp", 1) != 1:
+            raise ValueError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported; only 1")
+        # transformers >= 5 nests theta and scaling in rope_parameters; older files use two keys.
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = rope if rope else hf.get("rope_scaling")
+        if scaling is not None and rope_type_of(scaling) == "default":
+            scaling = None
+        if scaling is not None and rope_type_of(scaling) not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"{source}: rope type {rope_type_of(scaling)!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+        if model_type == "qwen2" and hf.get("attention_bias") is False:
+            raise ValueError(f"{source}: qwen2 without q/k/v bias is not supported")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: hf[k] for k in known if k in hf and k not in ("rope_theta", "rope_scaling")}
+        if model_type == "qwen2":
+            kwargs.pop("attention_bias", None)
+        kwargs.update(rope_theta=float(theta), rope_scaling=scaling)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json that transformers (4.x and 5.x) reads as the same model."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        out: dict[str, Any] = {
+            "architectures": [arch[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+        }
+        if self.model_type != "qwen2":
+            out["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        else:
+            out["use_sliding_window"] = False
+        return out
+
+
+def rope_type_of(scaling: dict | None) -> str:
+    if not scaling:
+        return "default"
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if rope_type_of(cfg.rope_scaling) == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        s = cfg.rope_scaling
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv_freq = torch.where(mid, blended, inv_freq)
+    return inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+        # Lower precision: normalise in fp32 and cast back before the weight, as the reference does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}). `sin` carries the sign of the first half (see Transformer.rope),
+    so rotate_half(x) * sin becomes roll(x) * sin: two kernels fewer per call."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for batched decoding, written by index (no reallocation per step).
+
+    Prompts are left-padded so every row writes the same column each step; `valid[b, s]` says
+    whether slot s of row b holds a real token, so padding is never attended. Rows can be dropped
+    with `keep` once they finish, so finished rows stop costing compute.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
+        self.length = 0
+        self.max_len = max_len
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.valid = self.valid[rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v)
+        if T == 1 and self.n_kv != self.n_heads:
+            # Decoding: the query heads sharing a KV head become that head's queries, so K/V are
+            # read once per KV head and never copied (expanding them is the main cost on CPU).
+            q = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, -1))
+        gqa = self.n_kv != self.n_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Causal LM. Parameter names equal transformers' `*ForCausalLM` state-dict keys."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not a buffer: it must stay fp32 whatever dtype the weights are cast to, and it must be
+        # real even when the module is built on the meta device for loading.
+        with torch.device("cpu"):
+            self._inv_freq = rope_inv_freq(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init (normal(0, std) for matrices, ones for norms, zeros for biases)."""
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self._inv_freq  # [B, T, D/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat((cos, cos), dim=-1)[:, None]  # [B, 1, T, D]
+        sin = torch.cat((-sin, sin), dim=-1)[:, None]
+        return cos.to(dtype), sin.to(dtype)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden]. See `forward` for the arguments."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache overflow: {start + T} positions > cache size {cache.max_len}")
+        if positions is None:
+            if attention_mask is not None:
+                # Left padding: real tokens are numbered from 0 in each row.
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                positions = torch.arange(start, start + T, device=device).expand(B, T)
+        # Decode steps skip this check (a host sync per token); generate validates lengths upfront.
+        if start == 0 and int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence needs position {int(positions.max())} but the model's context is "
+                f"{self.config.max_position_embeddings} (max_position_embeddings)"
+            )
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache, device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    @staticmethod
+    def _attention_mask(B, T, start, attention_mask, segment_ids, cache, device) -> torch.Tensor | None:
+        """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention."""
+        if cache is not None:
+            new_valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            cache.valid[:, start : start + T] = new_valid
+            keys = cache.valid[:, : start + T]  # [B, S]
+            if T == 1:
+                return keys[:, None, None, :]
+            causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
+            mask = causal[None] & keys[:, None, :]
+        elif segment_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        elif attention_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = causal[None] & attention_mask.bool()[:, None, :]
+        else:
+            return None
+        # A query with no visible key (a leading pad) would give NaN; let it see itself instead.
+        diag = torch.zeros(T, mask.shape[-1], dtype=torch.bool, device=device)
+        diag[torch.arange(T), torch.arange(start, start + T)] = True
+        return (mask | diag[None])[:, None]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T].
+
+        positions      : [B, T] RoPE positions; default counts real tokens (per row) or 0..T-1.
+        attention_mask : [B, T] 1 for real tokens, 0 for padding; padding is never attended.
+        segment_ids    : [B, T] packed documents; tokens attend only within their own segment.
+        cache          : KVCache to read and extend (decoding).
+        """
+        h = self.hidden_states(
+            input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
+        )
+        return self.lm_head(h)
+
+    def num_params(self, with_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if with_embeddings else n - self.model.embed_tokens.weight.numel()
+
+    def flops_per_token(self, context: int = 0) -> float:
+        """Forward FLOPs per token: 2 per matmul weight, plus attention over `context` keys."""
+        cfg = self.config
+        matmul = self.num_params() - self.model.embed_tokens.weight.numel()
+        if cfg.tie_word_embeddings:
+            matmul += self.lm_head.weight.numel()
+        attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
+        return 2.0 * matmul + attn

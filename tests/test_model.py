@@ -1,0 +1,103 @@
+"""Our Transformer against transformers' Llama / Qwen2 / Qwen3 on small random models."""
+
+import pytest
+import torch
+
+from hf_reference import CONFIGS, hf_model, nano_config
+from nanopost.checkpoint import load_model
+from nanopost.model import KVCache, ModelConfig, Transformer, rope_inv_freq
+
+TOL = 1e-4
+
+
+def padded_batch(vocab: int, seed: int = 0):
+    """Three rows of length 20 with 0, 5 and 11 left-pad tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 20), generator=g)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    hf = hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, load_model(path)
+
+
+def test_logits_match_transformers_with_padding(pair):
+    hf, ours = pair
+    ids, mask = padded_batch(ours.config.vocab_size)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        out = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (ref - out)[real].abs().max().item() < TOL
+
+
+def test_padding_does_not_change_real_tokens(pair):
+    _, ours = pair
+    ids, mask = padded_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        batched = ours(ids, attention_mask=mask)
+        alone = ours(ids[2:3, 11:])  # row 2 without its padding
+    assert (batched[2, 11:] - alone[0]).abs().max().item() < TOL
+
+
+def test_kv_cached_decoding_equals_full_recomputation(pair):
+    _, ours = pair
+    ids, mask = padded_batch(ours.config.vocab_size, seed=1)
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask)
+        cache = KVCache(ours.config, 3, 20, ours.device, ours.dtype)
+        steps = [ours(ids[:, :12], attention_mask=mask[:, :12], cache=cache)]
+        positions = mask[:, :12].sum(-1, keepdim=True)
+        for t in range(12, 20):
+            steps.append(ours(ids[:, t : t + 1], positions=positions, cache=cache))
+            positions = positions + 1
+    cached = torch.cat(steps, dim=1)
+    assert (full - cached)[mask.bool()].abs().max().item() < TOL
+
+
+def test_packed_segments_do_not_attend_to_each_other():
+    model = Transformer(nano_config("qwen3-qknorm-headdim")).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    a, b = torch.randint(0, 128, (1, 7)), torch.randint(0, 128, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 7 + [1] * 9])
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    with torch.no_grad():
+        out = model(packed, positions=positions, segment_ids=segments)
+        sep_a, sep_b = model(a), model(b)
+    assert (out[0, :7] - sep_a[0]).abs().max().item() < TOL
+    assert (out[0, 7:] - sep_b[0]).abs().max().item() < TOL
+
+
+def test_llama3_rope_scaling_changes_only_low_frequencies():
+    cfg = nano_config("llama-tied-bias-llama3rope")
+    plain = ModelConfig(**{**cfg.__dict__, "rope_scaling": None})
+    scaled, base = rope_inv_freq(cfg), rope_inv_freq(plain)
+    assert torch.equal(scaled[0], base[0])  # highest frequency kept
+    assert torch.allclose(scaled[-1], base[-1] / cfg.rope_scaling["factor"])  # lowest divided by factor
+
+
+def test_unsupported_config_values_are_named():
+    with pytest.raises(ValueError, match="model_type 'mistral' is not supported; supported: llama, qwen2, qwen3"):
+        ModelConfig.from_hf({"model_type": "mistral"})
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        ModelConfig.from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        ModelConfig.from_hf({"model_type": "qwen2", "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        ModelConfig.from_hf({"model_type": "qwen2", "use_sliding_window": True})
+
+
+def test_sequence_longer_than_context_is_a_clear_error():
+    model = Transformer(ModelConfig(max_position_embeddings=16, vocab_size=32, hidden_size=32,
+                                    intermediate_size=64, num_hidden_layers=1))
+    with pytest.raises(ValueError, match="model's context is 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
