@@ -1,0 +1,81 @@
+"""Sampling throughput: nanopost.generate vs transformers' generate() on the same random model.
+
+    python scripts/bench_generate.py [--sizes tiny small] [--batch 64] [--new 128] [--threads 2]
+
+Fixed-length decoding (no stop token), temperature 1, the same weights in both, one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from nanopost.benchmark import bench_config, best_time, matmul_peak_flops
+from nanopost.checkpoint import load_model, save_model
+from nanopost.generate import generate
+from nanopost.model import Transformer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=34)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    peak = matmul_peak_flops()
+    print(f"fp32 matmul peak ({args.threads} threads): {peak / 1e9:.0f} GFLOP/s")
+    g = torch.Generator().manual_seed(0)
+    # Prompt lengths vary around prompt_len so padding is exercised as in real use.
+    prompts = [
+        torch.randint(0, 1024, (args.prompt_len + int(torch.randint(-4, 5, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(args.batch)
+    ]
+    n_tokens = args.batch * args.new
+    for size in args.sizes:
+        model = Transformer(bench_config(size)).eval()
+        model.init_weights(generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        t_ours = best_time(
+            lambda: generate(model, prompts, max_new_tokens=args.new, temperature=1.0, generator=gen),
+            repeats=args.repeats,
+        )
+        flops = n_tokens * model.flops_per_token(context=args.prompt_len + args.new // 2)
+        line = (f"{size:6s} nanopost {n_tokens / t_ours:9.0f} tok/s  "
+                f"({flops / t_ours / peak:5.1%} of matmul peak)")
+        if not args.no_hf:
+            t_hf = time_transformers(model, prompts, args)
+            line += f" | transformers {n_tokens / t_hf:9.0f} tok/s | speed-up {t_hf / t_ours:4.2f}x"
+        print(line, flush=True)
+
+
+def time_transformers(model: Transformer, prompts: list[list[int]], args) -> float:
+    import transformers
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+
+    def run():
+        with torch.no_grad():
+            hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                        max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0, eos_token_id=None)
+
+    return best_time(run, repeats=args.repeats)
+
+
+if __name__ == "__main__":
+    main()
