@@ -1,0 +1,144 @@
+"""Safe arithmetic on model-written text, and the Countdown reward built on it.
+
+Model output is never passed to `eval`. An expression is parsed with `ast` (mode="eval") and walked
+by a small interpreter that knows only:
+
+    numeric literals (integers, decimals)   + - * /   unary minus   parentheses
+
+Unicode and LaTeX operators are normalised first: × · \\times \\cdot become *, ÷ \\div become /,
+− (U+2212) becomes -. Powers (`**`), floor division, names, calls, exponents (`1e9`) and anything
+else give None. Inputs are bounded before parsing (length, literal size, nesting depth), so no
+expression can hang or exhaust memory: without powers the value of a 256-character expression has at
+most a few hundred digits. Arithmetic is exact (`fractions.Fraction`): 1/3 * 3 == 1, and 0.1 + 0.2 ==
+0.3 because decimal literals are read as exact decimals, not floats. Division by zero gives None.
+
+`countdown_reward(completion, numbers, target)` is 1.0 when the extracted answer is an expression
+that uses each given number exactly once (or at most once with `use_all=False`) and equals the target,
+else 0.0.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from collections import Counter
+from fractions import Fraction
+from typing import Iterable
+
+MAX_CHARS = 256     # an expression longer than this is not a Countdown answer or an arithmetic step
+MAX_DEPTH = 32      # depth of the expression tree (redundant parentheses add none)
+MAX_DIGITS = 32     # characters in one literal
+
+_OPERATORS = (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"),
+              ("×", "*"), ("·", "*"), ("∗", "*"), ("÷", "/"), ("−", "-"))
+_ALLOWED_CHARS = re.compile(r"[0-9.+\-*/() \t]*")
+_BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+
+
+def normalize_operators(text: str) -> str:
+    """Replace unicode / LaTeX multiplication, division and minus signs with * / -."""
+    for old, new in _OPERATORS:
+        text = text.replace(old, new)
+    return text
+
+
+def evaluate(expr: str, *, max_chars: int = MAX_CHARS, max_depth: int = MAX_DEPTH,
+             max_digits: int = MAX_DIGITS) -> tuple[Fraction, list[Fraction]] | None:
+    """(value, literals in order of appearance) of an arithmetic expression, or None if it is not one.
+
+    None for: anything outside the grammar in the module docstring, an expression longer than
+    `max_chars` (after normalisation and stripping), deeper than `max_depth`, a literal longer than
+    `max_digits` characters, or a division by zero.
+    """
+    if not isinstance(expr, str) or len(expr) > 4 * max_chars:   # cheap cut before any copying
+        return None
+    expr = normalize_operators(expr).strip()
+    if not expr or len(expr) > max_chars or _ALLOWED_CHARS.fullmatch(expr) is None:
+        return None
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    literals: list[Fraction] = []
+
+    def walk(node: ast.AST, depth: int) -> Fraction:
+        if depth > max_depth:
+            raise _Reject
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            left, right = walk(node.left, depth + 1), walk(node.right, depth + 1)
+            if isinstance(node.op, ast.Div) and right == 0:
+                raise _Reject
+            return _BINARY[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand, depth + 1)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            # Read the literal's own text: Fraction("0.1") is exactly 1/10, the float 0.1 is not.
+            source = expr[node.col_offset:node.end_col_offset]
+            if len(source) > max_digits:
+                raise _Reject
+            literals.append(Fraction(source))
+            return literals[-1]
+        raise _Reject
+
+    try:
+        return walk(tree.body, 0), literals
+    except (_Reject, ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def safe_eval(expr: str) -> Fraction | None:
+    """Exact value of an arithmetic expression (grammar in the module docstring), or None."""
+    result = evaluate(expr)
+    return None if result is None else result[0]
+
+
+def countdown_reward(completion: str, numbers: Iterable[int | float | str], target: int | float | str,
+                     *, use_all: bool = True) -> float:
+    """1.0 if the completion's answer is an expression over `numbers` that equals `target`, else 0.0.
+
+    The answer is `rewards.extract_answer(completion)` (so `<answer>(44 - 19) * 35 / 5</answer>`).
+    A trailing "= value" is allowed, but that value must equal the expression too. Each given number
+    may be used at most once; with `use_all=True` (the default, as in the Countdown-Tasks datasets)
+    every number must be used exactly once. Numbers are compared by value, so 3.0 counts as 3.
+    Formatting is scored separately (rewards.format_reward); this reward is correctness only.
+    """
+    # Imported here because rewards.py builds on this module; a top-level import would be circular.
+    from nanopost.rewards import extract_answer
+
+    answer = extract_answer(completion) if isinstance(completion, str) else None
+    if answer is None:
+        return 0.0
+    expr, equals, claimed = normalize_operators(answer).partition("=")
+    result = evaluate(expr)
+    if result is None:
+        return 0.0
+    value, used = result
+    if equals and (safe_eval(claimed) != value or "=" in claimed):
+        return 0.0
+    given = Counter(_number(n) for n in numbers)
+    goal = _number(target)
+    if goal is None or None in given:
+        return 0.0
+    used_counts = Counter(used)
+    if any(used_counts[n] > given[n] for n in used_counts):
+        return 0.0
+    if use_all and used_counts != given:
+        return 0.0
+    return 1.0 if value == goal else 0.0
+
+
+def _number(x: int | float | str) -> Fraction | None:
+    """A given number or target as a Fraction; strings go through the same bounded parser."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return Fraction(x)
+    if isinstance(x, float):
+        return Fraction(str(x)) if math.isfinite(x) else None
+    return safe_eval(x) if isinstance(x, str) else None
+
+
+class _Reject(Exception):
+    """Raised inside the evaluator for anything outside the grammar or its bounds."""
