@@ -108,7 +108,7 @@ def generate(
             f"it needs {len(prompts[longest]) + max_new_tokens} positions, but the model's context is {context}"
         )
     device = model.device
-    ids, mask = left_pad(prompts, pad_token_id, device)
+    ids, mask = left_pad(prompts, 0, device)  # prompt padding is masked, any valid id will do
     B, P = ids.shape
     cache = KVCache(model.config, B, P + max_new_tokens, device, model.dtype)
     stops = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
