@@ -1,0 +1,92 @@
+"""Countdown: reach a target by combining the given numbers with + - * /, each used exactly once.
+
+    prompt     "Make 18 from the numbers 3, 7, 5, 2 using + - * / and each number once."
+    reasoning  "7 * 3 = 21\\n21 - 5 = 16\\n16 + 2 = 18"
+    answer     "7 * 3 - 5 + 2"
+    extras     "numbers": [3, 7, 5, 2], "target": 18
+
+Every puzzle is solvable by construction: the target is the value of a random expression over the
+numbers, built by combining two of the remaining values at a time, as a player would. As in the
+game every intermediate result is a positive integer (no zero, no fractions), and the target is
+at most MAX_TARGET. The reference solution is that construction: one equation per step as the
+reasoning, the whole expression, with only the parentheses it needs, as the answer. Any other
+expression that reaches the target scores as well (safe_math.countdown_reward).
+
+Difficulty is a level 1..4: how many numbers, then how large the largest of them is. The level is
+a property of the puzzle, so no puzzle belongs to two levels.
+
+    level       1      2      3      4
+    numbers     3      3      4      4     each drawn from 1..largest
+    largest   1..9  10..25  1..9  10..25
+
+Train and held-out puzzles are kept apart by hashing the sorted numbers and the target, so a
+puzzle listed in another order is still the same puzzle (see nanopost.tasks.base).
+"""
+
+from __future__ import annotations
+
+import random
+
+from nanopost.safe_math import countdown_reward
+from nanopost.tasks.base import GeneratedTask
+
+# level -> (how many numbers, the range of the largest one)
+LEVELS = {1: (3, range(1, 10)), 2: (3, range(10, 26)), 3: (4, range(1, 10)), 4: (4, range(10, 26))}
+MAX_TARGET = 100
+
+# Binding strength: a sub-expression needs parentheses when it binds less tightly than its operator.
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "atom": 3}
+
+
+class CountdownTask(GeneratedTask):
+    """Countdown puzzles with a reference solution (see the module docstring)."""
+
+    name = "countdown"
+    levels = sorted(LEVELS)
+
+    def generate(self, rng: random.Random, level: int) -> dict:
+        count, largest = LEVELS[level]
+        while True:  # 92%, 52%, 79%, 37% of tries succeed at levels 1..4
+            numbers = [rng.randint(1, largest[-1]) for _ in range(count)]
+            if max(numbers) not in largest:
+                continue
+            target, expression, steps = _random_solution(rng, numbers)
+            if target <= MAX_TARGET:
+                break
+        return {
+            "prompt": f"Make {target} from the numbers {', '.join(map(str, numbers))} "
+                      f"using + - * / and each number once.",
+            "answer": expression,
+            "difficulty": level,
+            "reasoning": "\n".join(steps),
+            "numbers": numbers,
+            "target": target,
+        }
+
+    def key(self, record: dict) -> str:
+        return f"{sorted(record['numbers'])} -> {record['target']}"
+
+    def check(self, completion: str, record: dict) -> float:
+        return countdown_reward(completion, record["numbers"], record["target"])
+
+
+def _random_solution(rng: random.Random, numbers: list[int]) -> tuple[int, str, list[str]]:
+    """(value, expression, step equations) of a random way to combine all of `numbers`."""
+    items = [(n, str(n), "atom") for n in numbers]  # (value, expression, its outermost operator)
+    steps = []
+    while len(items) > 1:
+        i, j = rng.sample(range(len(items)), 2)
+        (a, a_text, a_op), (b, b_text, b_op) = items[i], items[j]
+        allowed = ["+", "*"] + ["-"] * (a > b) + ["/"] * (a % b == 0)
+        op = rng.choice(allowed)
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        steps.append(f"{a} {op} {b} = {value}")
+        left = f"({a_text})" if _PRECEDENCE[a_op] < _PRECEDENCE[op] else a_text
+        # a - (b + c) and a / (b * c) keep their parentheses; a + (b - c) and a * (b / c) need none.
+        right_loose = _PRECEDENCE[b_op] < _PRECEDENCE[op] or (
+            _PRECEDENCE[b_op] == _PRECEDENCE[op] and op in "-/")
+        right = f"({b_text})" if right_loose else b_text
+        items = [item for k, item in enumerate(items) if k not in (i, j)]
+        items.append((value, f"{left} {op} {right}", op))
+    value, expression, _ = items[0]
+    return value, expression, steps
