@@ -480,10 +480,17 @@ def load_config_file(cls: type[T], path: str | os.PathLike) -> T:
 
 
 def main_guard(main: Callable[[], T]) -> T:
-    """Run a script's main(); a ConfigError becomes `error: <message>` on stderr and exit status 2."""
+    """Run a script's main(); bad input becomes `error: <message>` on stderr and exit status 2.
+
+    Bad input is a ValueError or a missing file: the library's errors for configs, data and
+    checkpoints all are, and each names the file, line or field. NANOPOST_DEBUG=1 shows the
+    traceback instead.
+    """
     try:
         return main()
-    except ConfigError as e:
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("NANOPOST_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -1,0 +1,231 @@
+"""Supervised fine-tuning: next-token loss on the assistant tokens only.
+
+One optimizer step:
+
+    grad_accum packed micro-batches -> sum of token losses / tokens of the WHOLE step -> backward
+    -> clip grad norm -> AdamW (warmup + cosine lr) -> log -> maybe eval / checkpoint
+
+The loss of a step is normalised by the number of loss tokens across all its micro-batches, so
+gradient accumulation gives the same gradient as one big batch however lengths are distributed
+(dividing each micro-batch by its own count would over-weight short micro-batches).
+
+Runs resume exactly: the data order is a function of (seed, epoch), the lr a function of the
+step, and the checkpoint holds weights, optimizer state, RNG states and the data position.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model, load_tokenizer
+from .config import save_config
+from .data import Batch, Example, fit_examples, load_sft, pack_examples, tokenize_chat, tokenize_prompt
+from .eval import EvalItem, evaluate
+from .metrics import MetricsLogger, Progress
+from .model import Transformer
+from .rewards import extract_answer
+from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .runtime import autocast, make_optimizer, pick_device, seed_everything
+from .schedules import lr_at, set_lr
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class SFTConfig:
+    model: str = field(default="", metadata={"help": "HF checkpoint directory to start from"})
+    train: str = field(default="", metadata={"help": "training JSONL: {messages} or {prompt, completion}"})
+    val: str | None = field(default=None, metadata={"help": "held-out JSONL (loss and answer accuracy)"})
+    out: str = field(default="runs/sft", metadata={"help": "run directory"})
+    max_len: int = field(default=512, metadata={"help": "tokens per packed row (longer examples: see overflow)"})
+    overflow: Literal["truncate", "drop"] = "truncate"
+    batch_rows: int = field(default=8, metadata={"help": "packed rows per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    epochs: float = 1.0
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 1.0
+    eval_every: int = field(default=50, metadata={"help": "steps between held-out evaluations (0: only at the end)"})
+    eval_accuracy_samples: int = field(default=64, metadata={"help": "held-out prompts for greedy accuracy"})
+    max_new_tokens: int = 128
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at evals and the end)"})
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    resume: bool = field(default=False, metadata={"help": "continue from out/checkpoints/last"})
+
+    def validate(self) -> None:
+        if not self.model or not self.train:
+            raise ValueError("--model and --train are required")
+        if self.batch_rows < 1 or self.grad_accum < 1:
+            raise ValueError("batch_rows and grad_accum must be >= 1")
+
+
+def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the loss tokens of a packed batch."""
+    logits = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids)
+    labels = batch.labels.masked_fill(batch.loss_mask == 0, -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def accumulate_gradients(model: Transformer, micro: list[Batch], device, precision: str = "auto") -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step; returns (step loss, loss tokens).
+
+    Every micro-batch is divided by the token count of the whole step, so the accumulated
+    gradient is that of the token-mean loss over the step, whatever the split.
+    """
+    n_tokens = sum(b.num_loss_tokens for b in micro)
+    step_loss = 0.0
+    for b in micro:
+        with autocast(device, precision):
+            loss = loss_sum(model, b.to(device)) / max(n_tokens, 1)
+        loss.backward()
+        step_loss += loss.item()
+    return step_loss, n_tokens
+
+
+@torch.no_grad()
+def held_out_loss(model: Transformer, batches: list[Batch], device, precision: str) -> float:
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        b = b.to(device)
+        with autocast(device, precision):
+            total += loss_sum(model, b).item()
+        n += b.num_loss_tokens
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def accuracy_items(tokenizer: Tokenizer, conversations: list[list[dict]], limit: int) -> list[EvalItem]:
+    """Held-out prompts whose reference reply contains an extractable answer."""
+    items = []
+    for messages in conversations:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        gold = extract_answer(messages[last]["content"])
+        if gold is not None:
+            items.append(EvalItem(tokenize_prompt(tokenizer, messages[:last]), gold))
+        if len(items) == limit:
+            break
+    return items
+
+
+def prepare(tokenizer: Tokenizer, path: str, cfg: SFTConfig, log) -> tuple[list[list[dict]], list[Example]]:
+    conversations = load_sft(path)
+    examples, affected = fit_examples([tokenize_chat(tokenizer, m) for m in conversations],
+                                      cfg.max_len + 1, cfg.overflow)
+    if affected:
+        log(f"{path}: {affected} example(s) longer than {cfg.max_len + 1} tokens ({cfg.overflow})")
+    if not examples:
+        raise ValueError(f"{path}: no example left to train on")
+    return conversations, examples
+
+
+def train_sft(cfg: SFTConfig, log=print) -> dict:
+    """Run SFT as configured; returns the final metrics. Writes everything under cfg.out."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run)
+    resume_from = latest_checkpoint(run) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log(f"{run}: no checkpoint to resume from; starting fresh")
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device=device, dtype=torch.float32)
+    model.train()
+    _, train_examples = prepare(tokenizer, cfg.train, cfg, log)
+    val_batches, acc_items = [], []
+    if cfg.val:
+        val_convs, val_examples = prepare(tokenizer, cfg.val, cfg, log)
+        val_batches = pack_examples(val_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id)
+        acc_items = accuracy_items(tokenizer, val_convs, cfg.eval_accuracy_samples)
+
+    def epoch_batches(epoch: int) -> list[Batch]:
+        return pack_examples(train_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id,
+                             shuffle_seed=cfg.seed * 1000 + epoch)
+
+    batches = epoch_batches(0)
+    per_epoch = len(batches)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+
+    step, consumed, best = 0, 0, math.inf  # consumed: micro-batches drawn, i.e. the data position
+    if resume_from is not None:
+        extra = load_checkpoint(resume_from, model=model, optimizer=optimizer, device=device)
+        step, consumed, best = extra["step"], extra["consumed"], extra["best_val_loss"]
+        log(f"resumed from {resume_from} at step {step}")
+    metrics = MetricsLogger(run, resume_step=step)
+
+    def checkpoint(name: str, extra_metrics: dict | None = None) -> None:
+        save_checkpoint(checkpoint_path(run, name), model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        extra={"step": step, "consumed": consumed, "best_val_loss": best,
+                               "metrics": extra_metrics or {}})
+
+    def run_eval() -> dict:
+        nonlocal best
+        row: dict = {"kind": "eval", "step": step}
+        if val_batches:
+            row["val_loss"] = held_out_loss(model, val_batches, device, cfg.precision)
+        if acc_items:
+            res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens)
+            row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
+        metrics.log(row)
+        if "val_loss" in row and row["val_loss"] < best:
+            best = row["val_loss"]
+            checkpoint("best", row)
+        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        return row
+
+    progress = Progress(total_steps, start_step=step)
+    epoch_of_batches = 0
+    last_eval: dict = {}
+    row: dict = {}
+    t_last, tokens_since = time.perf_counter(), 0
+    while step < total_steps:
+        lr = lr_at(step, base_lr=cfg.lr, total_steps=total_steps, warmup_steps=min(cfg.warmup_steps, total_steps),
+                   kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        micro = []
+        for _ in range(cfg.grad_accum):
+            epoch, index = divmod(consumed, per_epoch)
+            if epoch != epoch_of_batches:
+                batches, epoch_of_batches = epoch_batches(epoch), epoch
+            micro.append(batches[index])
+            consumed += 1
+        step_loss, n_tokens = accumulate_gradients(model, micro, device, cfg.precision)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_since += sum(int(b.input_ids.numel()) for b in micro)
+
+        row = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+               "loss_tokens": n_tokens}
+        if step % cfg.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            row["tok_per_s"] = tokens_since / (now - t_last)
+            t_last, tokens_since = now, 0
+            log(progress.line(step, loss=step_loss, lr=lr, tok_per_s=row["tok_per_s"]))
+        metrics.log(row)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+            if cfg.val:
+                last_eval = run_eval()
+        eval_due = cfg.eval_every and step % cfg.eval_every == 0
+        if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and eval_due) or step == total_steps:
+            checkpoint("last", last_eval)
+    return {"step": step, "loss": row.get("loss", math.nan), **last_eval}
