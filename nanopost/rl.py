@@ -1,0 +1,468 @@
+"""GRPO training loop.
+
+One step:
+
+    sampler picks P prompts -> render with the prompt template -> generate G completions each at
+    the step's temperature T (logprobs kept) -> score with named reward functions (each logged,
+    then weighted and summed) -> group advantages -> dynamic sampling (drop groups whose rewards
+    all agree; optionally refill with new prompts) -> mu passes over the rollouts in mini-batches
+    with the clipped loss -> curriculum learns each prompt's pass rate -> metrics -> maybe eval.
+
+Choices, and where this loop departs from the textbook (DeepSeekMath) GRPO:
+
+ 1. No KL term by default (beta = 0): with verifiable rewards the reference mainly costs a
+    second model and a forward pass (DAPO, Dr. GRPO). beta > 0 loads a frozen reference,
+    optionally reset to the policy every `ref_reset_every` steps.
+ 2. Token-mean aggregation by default (DAPO): every generated token weighs the same, so long
+    answers are neither favoured nor diluted by per-sequence averaging.
+ 3. Clip-higher (clip_high 0.28 > clip_low 0.2, DAPO): rare tokens can gain probability, which
+    keeps entropy from collapsing.
+ 4. Old logprobs come from the sampling pass, so mu = 1 costs no extra forward. They are
+    log_softmax(logits / T) at the sampled tokens, and the loss recomputes exactly that, so the
+    trained distribution is the sampled one (the ratio starts at 1).
+ 5. Groups whose rewards all agree carry no signal (zero advantage); dynamic sampling drops
+    them so they do not dilute the token mean, and "refill" draws new prompts to replace them.
+ 6. Truncated completions may be masked out of the loss (overlong filtering) or get DAPO's soft
+    length penalty over the last `overlong_buffer` tokens before max_new_tokens.
+ 7. The temperature follows a schedule (constant, linear, cosine or per-stage), used both for
+    sampling and for the loss logprobs, and logged each step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from .checkpoint import load_model, load_tokenizer, save_model
+from .config import save_config
+from .curriculum import PromptSampler, UniformSampler
+from .data import load_rl, tokenize_prompt
+from .eval import EvalItem, default_check, evaluate
+from .generate import generate, left_pad
+from .grpo import entropy_from_logits, group_advantages, policy_loss, token_logprobs
+from .metrics import MetricsLogger, Progress
+from .model import Transformer
+from .prompts import PromptTemplate
+from .rewards import combine_rewards, sample_reward
+from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .runtime import autocast, make_optimizer, pick_device, seed_everything
+from .schedules import lr_at, set_lr, temperature_at
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GRPOConfig:
+    model: str = field(default="", metadata={"help": "HF checkpoint directory of the policy to start from"})
+    train: str = field(default="", metadata={"help": "RL JSONL: {prompt|question, answer, difficulty?, id?}"})
+    val: str | None = field(default=None, metadata={"help": "held-out RL JSONL for accuracy"})
+    out: str = "runs/grpo"
+    task: str | None = field(default=None, metadata={"help": "arithmetic | countdown | gsm8k: the task's answer check for eval"})
+    # prompt
+    instruction: str = "Solve the problem."
+    system: str | None = None
+    reasoning: bool = field(default=True, metadata={"help": "ask for <think>...</think> before <answer>...</answer>"})
+    # rewards
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1},
+                                      metadata={"help": "reward name -> weight (accuracy, format, thinking, countdown)"})
+    reward_mode: Literal["sum", "normalize_each"] = "sum"
+    # rollouts
+    steps: int = 100
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    temperature_end: float | None = field(default=None, metadata={"help": "end value for linear/cosine schedules"})
+    temperature_schedule: Literal["constant", "linear", "cosine", "stages"] = "constant"
+    temperature_stages: list[tuple[float, float]] = field(default_factory=list,
+                                                          metadata={"help": "[[boundary, T], ...] for 'stages'"})
+    top_p: float = 1.0
+    top_k: int = 0
+    dynamic_sampling: Literal["off", "drop", "refill"] = "drop"
+    max_refill_rounds: int = 2
+    overlong_filter: bool = field(default=False, metadata={"help": "mask truncated completions out of the loss"})
+    overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft length penalty over the last N tokens (0: off)"})
+    overlong_penalty: float = 1.0
+    # loss
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float | None = None
+    importance: Literal["token", "sequence"] = "token"
+    beta: float = 0.0
+    kl: Literal["k1", "k2", "k3"] = "k3"
+    ref_reset_every: int = 0
+    mu: int = field(default=1, metadata={"help": "passes over each rollout batch"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
+    micro_batch: int = field(default=0, metadata={"help": "rows per forward/backward (0: the whole mini-batch)"})
+    # optimizer
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    clip_grad: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_every: int = 20
+    eval_samples: int = 200
+    eval_k: int = field(default=0, metadata={"help": "avg@k samples per prompt at eval_temperature (0: greedy only)"})
+    eval_temperature: float = 1.0
+    save_every: int = 0
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    resume: bool = False
+
+    def validate(self) -> None:
+        if not self.model or not self.train:
+            raise ValueError("--model and --train are required")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2: advantages compare completions of the same prompt")
+        if not self.rewards:
+            raise ValueError("at least one reward is needed")
+        if self.temperature_schedule == "stages" and not self.temperature_stages:
+            raise ValueError("temperature_schedule 'stages' needs --temperature-stages")
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollouts:
+    """G completions for each of several prompts; rows of one group are consecutive."""
+
+    records: list[dict]  # one per group
+    prompts: list[list[int]]  # one per row
+    tokens: torch.Tensor  # [N, T]
+    old_logprobs: torch.Tensor  # [N, T]
+    mask: torch.Tensor  # [N, T] 1.0 on generated tokens
+    finished: torch.Tensor  # [N]
+    rewards: torch.Tensor  # [N] weighted total
+    per_function: dict[str, list[float | None]]
+    texts: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)  # time spent generating and scoring
+
+    def select_groups(self, keep: list[int], group_size: int) -> Rollouts:
+        rows = [g * group_size + j for g in keep for j in range(group_size)]
+        idx = torch.tensor(rows, dtype=torch.long)
+        return Rollouts(
+            records=[self.records[g] for g in keep], prompts=[self.prompts[r] for r in rows],
+            tokens=self.tokens[idx], old_logprobs=self.old_logprobs[idx], mask=self.mask[idx],
+            finished=self.finished[idx], rewards=self.rewards[idx],
+            per_function={k: [v[r] for r in rows] for k, v in self.per_function.items()},
+            texts=[self.texts[r] for r in rows], seconds=self.seconds)
+
+    @staticmethod
+    def concat(parts: list[Rollouts]) -> Rollouts:
+        return Rollouts(
+            records=[r for p in parts for r in p.records], prompts=[x for p in parts for x in p.prompts],
+            tokens=torch.cat([p.tokens for p in parts]), old_logprobs=torch.cat([p.old_logprobs for p in parts]),
+            mask=torch.cat([p.mask for p in parts]), finished=torch.cat([p.finished for p in parts]),
+            rewards=torch.cat([p.rewards for p in parts]),
+            per_function={k: [x for p in parts for x in p.per_function[k]] for k in parts[0].per_function},
+            texts=[t for p in parts for t in p.texts],
+            seconds={k: sum(p.seconds.get(k, 0.0) for p in parts) for k in ("generate", "score")})
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO soft overlong punishment: 0 up to max - buffer tokens, then falling linearly to -penalty."""
+    if buffer <= 0:
+        return torch.zeros(lengths.shape)
+    excess = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0)
+    return -penalty * (excess / buffer).clamp(max=1.0)
+
+
+class RewardScorer:
+    """Named, weighted reward functions applied to decoded completions."""
+
+    def __init__(self, weights: dict[str, float], mode: str = "sum", extra: dict[str, Callable] | None = None):
+        funcs = dict(extra or {})
+        self.funcs = [(name, funcs[name] if name in funcs else sample_reward(name), w) for name, w in weights.items()]
+        self.mode = mode
+
+    def __call__(self, texts: list[str], samples: list[dict], group_size: int):
+        total, per = combine_rewards(texts, samples, self.funcs, group_size=group_size, mode=self.mode)
+        return torch.tensor(total, dtype=torch.float32), per
+
+
+def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prompt_ids: list[list[int]],
+            scorer: RewardScorer, cfg: GRPOConfig, temperature: float, generator: torch.Generator) -> Rollouts:
+    G = cfg.group_size
+    prompts = [p for p in prompt_ids for _ in range(G)]
+    t0 = time.perf_counter()
+    policy.eval()
+    out = generate(policy, prompts, max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                   top_p=cfg.top_p, top_k=cfg.top_k, stop_token_ids=[tokenizer.eos_token_id],
+                   generator=generator, pad_token_id=tokenizer.pad_token_id)
+    policy.train()
+    t1 = time.perf_counter()
+    texts = [tokenizer.decode(out.completion(i), skip_special_tokens=True) for i in range(len(prompts))]
+    samples = [{**r, "question": r["prompt"]} for r in records for _ in range(G)]
+    rewards, per = scorer(texts, samples, G)
+    penalty = overlong_penalty(out.lengths.cpu(), cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    if cfg.overlong_buffer > 0:
+        per["overlong"] = penalty.tolist()
+    return Rollouts(records=list(records), prompts=prompts, tokens=out.tokens.cpu(),
+                    old_logprobs=out.logprobs.cpu(), mask=out.mask.cpu(), finished=out.finished.cpu(),
+                    rewards=rewards + penalty, per_function=per, texts=texts,
+                    seconds={"generate": t1 - t0, "score": time.perf_counter() - t1})
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> list[bool]:
+    groups = rewards.view(-1, group_size)
+    return (groups.max(dim=1).values == groups.min(dim=1).values).tolist()
+
+
+# ---------------------------------------------------------------- policy update
+
+
+def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torch.Tensor, mask: torch.Tensor,
+                      temperature: float, want_entropy: bool = False):
+    """log pi(token) at temperature for every completion token: [N, T] (and entropy [N, T]).
+
+    Layout: [left-padded prompt | completion | right padding], so completion logits sit at the
+    same columns in every row and the LM head runs only on those.
+    """
+    device = tokens.device
+    prompt_ids, prompt_mask = left_pad(prompts, 0, device)
+    P, T = prompt_ids.shape[1], tokens.shape[1]
+    ids = torch.cat([prompt_ids, tokens], dim=1)
+    attention = torch.cat([prompt_mask, mask.long()], dim=1)
+    hidden = model.hidden_states(ids, attention_mask=attention)
+    logits = model.lm_head(hidden[:, P - 1 : P + T - 1])  # [N, T, V]
+    logp = token_logprobs(logits, tokens, temperature)
+    entropy = None
+    if want_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach(), temperature)
+    return logp, entropy
+
+
+def update_policy(policy: Transformer, reference: Transformer | None, optimizer, batch: Rollouts,
+                  advantages: torch.Tensor, cfg: GRPOConfig, temperature: float, device) -> dict[str, float]:
+    """mu passes of mini-batch optimizer steps over the rollouts; returns averaged statistics."""
+    loss_mask = batch.mask.clone()
+    if cfg.overlong_filter:
+        loss_mask[~batch.finished] = 0.0
+    N = len(batch.prompts)
+    ref_logp = None
+    if reference is not None:
+        chunks = []
+        for r in range(0, N, _micro(cfg, N)):
+            rows = slice(r, r + _micro(cfg, N))
+            with torch.no_grad(), autocast(device, cfg.precision):
+                chunks.append(sequence_logprobs(reference, batch.prompts[rows], batch.tokens[rows].to(device),
+                                                batch.mask[rows].to(device), temperature)[0].float())
+        ref_logp = torch.cat(chunks)
+    stats: dict[str, list[float]] = defaultdict(list)
+    order = list(range(N))
+    for _ in range(cfg.mu):
+        for mb in _split(order, cfg.minibatches):
+            rows = torch.tensor(mb, dtype=torch.long)
+            n_tokens = loss_mask[rows].sum()
+            for start in range(0, len(mb), _micro(cfg, len(mb))):
+                r = rows[start : start + _micro(cfg, len(mb))]
+                with autocast(device, cfg.precision):
+                    logp, entropy = sequence_logprobs(policy, [batch.prompts[i] for i in r], batch.tokens[r].to(device),
+                                                      batch.mask[r].to(device), temperature, want_entropy=True)
+                loss, s = policy_loss(
+                    logp.float(), batch.old_logprobs[r].to(device), advantages[r].to(device), loss_mask[r].to(device),
+                    ref_logp=None if ref_logp is None else ref_logp[r], beta=cfg.beta, kl=cfg.kl,
+                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                    importance=cfg.importance, agg=cfg.agg, max_len=cfg.max_new_tokens,
+                    num_tokens=n_tokens if cfg.agg == "token-mean" else None,
+                    num_seqs=len(mb) if cfg.agg != "token-mean" else None)
+                loss.backward()
+                weight = len(r) / len(mb)
+                stats["loss"].append(loss.item())
+                stats["entropy"].append((entropy * batch.mask[r].to(device)).sum().item() / max(batch.mask[r].sum().item(), 1))
+                for k, v in s.items():
+                    stats[k].append(float(v) * weight)
+            stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    n_steps = cfg.mu * min(cfg.minibatches, N)
+    out = {k: sum(v) / n_steps for k, v in stats.items() if k not in ("loss", "grad_norm", "entropy")}
+    out["loss"] = sum(stats["loss"]) / n_steps  # micro-batch losses of one step add up to the step's loss
+    out["grad_norm"] = sum(stats["grad_norm"]) / len(stats["grad_norm"])
+    out["entropy"] = sum(stats["entropy"]) / len(stats["entropy"])
+    return out
+
+
+def _micro(cfg: GRPOConfig, n: int) -> int:
+    return cfg.micro_batch if 0 < cfg.micro_batch < n else n
+
+
+def _split(order: list[int], parts: int) -> list[list[int]]:
+    parts = max(1, min(parts, len(order)))
+    size = math.ceil(len(order) / parts)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=print,
+               extra_rewards: dict[str, Callable] | None = None, check: Callable | None = None) -> dict:
+    """Run GRPO as configured; returns the last eval row merged with the last train row."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run)
+    resume_from = latest_checkpoint(run) if cfg.resume else None
+
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
+    reference = None
+    if cfg.beta > 0:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
+    records = load_rl(cfg.train)
+    sampler = sampler or UniformSampler(records, seed=cfg.seed)
+    scorer = RewardScorer(cfg.rewards, cfg.reward_mode, extra_rewards)
+    if check is None and cfg.task:
+        from .tasks import get_task
+
+        check = get_task(cfg.task).check
+    eval_items = []
+    if cfg.val:
+        eval_items = [EvalItem(tokenize_prompt(tokenizer, template.messages(r["prompt"])), r["answer"],
+                               r.get("difficulty"), r) for r in load_rl(cfg.val)[: cfg.eval_samples]]
+
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, cfg.betas)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    step = 0
+    if resume_from is not None:
+        extra = load_checkpoint(resume_from, model=policy, optimizer=optimizer, device=device,
+                                generators={"sample": generator})
+        step = extra["step"]
+        sampler.load_state_dict(extra["sampler"])
+        if reference is not None and (resume_from / "reference").is_dir():
+            reference.load_state_dict(load_model(resume_from / "reference", device=device).state_dict())
+        log(f"resumed from {resume_from} at step {step}")
+    metrics = MetricsLogger(run, resume_step=step)
+    ref_reset_at = step
+
+    def save(name: str) -> None:
+        save_checkpoint(checkpoint_path(run, name), model=policy, tokenizer=tokenizer, optimizer=optimizer,
+                        extra={"step": step, "sampler": sampler.state_dict()}, generators={"sample": generator})
+        if reference is not None and cfg.ref_reset_every:
+            save_model(reference, checkpoint_path(run, name) / "reference")
+
+    def run_eval() -> dict:
+        res = evaluate(policy, tokenizer, eval_items, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_k,
+                       temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed)
+        row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
+        row.update({f"accuracy_level_{k}": v for k, v in res["per_difficulty"].items()})
+        metrics.log(row)
+        log(f"eval step {step}: accuracy {res['accuracy']:.3f} [{res['accuracy_lo']:.3f}, {res['accuracy_hi']:.3f}]"
+            + (f", avg@{cfg.eval_k} {res[f'avg@{cfg.eval_k}']:.3f}" if cfg.eval_k else ""))
+        return row
+
+    progress = Progress(cfg.steps, start_step=step)
+    last_eval: dict = {}
+    row: dict = {}
+    if eval_items and step == 0 and cfg.eval_every:
+        last_eval = run_eval()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        temperature = temperature_at(step, cfg.steps, kind=cfg.temperature_schedule, start=cfg.temperature,
+                                     end=cfg.temperature if cfg.temperature_end is None else cfg.temperature_end,
+                                     stages=cfg.temperature_stages or None)
+        lr = lr_at(step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
+                   kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+
+        # 1. rollouts, with dynamic sampling
+        sampled, kept, n_zero = [], [], 0
+        want = cfg.prompts_per_step
+        for _ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling == "refill" else 0)):
+            recs = sampler.sample(want, step)
+            prompt_ids = [tokenize_prompt(tokenizer, template.messages(r["prompt"])) for r in recs]
+            ro = collect(policy, tokenizer, recs, prompt_ids, scorer, cfg, temperature, generator)
+            sampler.update(recs, _pass_rates(ro, cfg.group_size), step)
+            zero = zero_variance_groups(ro.rewards, cfg.group_size)
+            n_zero += sum(zero)
+            sampled.append(ro)
+            if cfg.dynamic_sampling != "off":
+                ro = ro.select_groups([g for g, z in enumerate(zero) if not z], cfg.group_size)
+            if ro.records:
+                kept.append(ro)
+            want -= len(ro.records)
+            if want <= 0:
+                break
+        rollouts = Rollouts.concat(sampled)
+
+        # 2. update (skipped when every group was dropped: there is no signal to learn from)
+        tu = time.perf_counter()
+        update_stats: dict = {}
+        if kept:
+            batch = Rollouts.concat(kept)
+            adv = group_advantages(batch.rewards, cfg.group_size, scale=cfg.adv_scale)
+            update_stats = update_policy(policy, reference, optimizer, batch, adv, cfg, temperature, device)
+        t_update = time.perf_counter() - tu
+        step += 1
+        if reference is not None and cfg.ref_reset_every and step - ref_reset_at >= cfg.ref_reset_every:
+            reference.load_state_dict(policy.state_dict())
+            ref_reset_at = step
+
+        # 3. metrics
+        n_groups = len(rollouts.records)
+        row = step_metrics(rollouts)
+        row.update(kind="train", step=step, lr=lr, temperature=temperature, zero_std_frac=n_zero / n_groups,
+                   groups_kept=sum(len(p.records) for p in kept), groups_sampled=n_groups,
+                   time_generate=rollouts.seconds["generate"], time_score=rollouts.seconds["score"],
+                   time_update=t_update, time_step=time.perf_counter() - t0,
+                   **update_stats, **{f"sampler_{k}": v for k, v in sampler.metrics().items()})
+        row["tok_per_s"] = rollouts.mask.sum().item() / row["time_step"]
+        metrics.log(row)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log(progress.line(step, reward=row["reward_mean"], **({"acc": row["reward_accuracy_mean"]}
+                if "reward_accuracy_mean" in row else {}), T=temperature, len=row["len_mean"],
+                zero_std=row["zero_std_frac"], tok_per_s=row["tok_per_s"]))
+        if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            last_eval = run_eval()
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save("last")
+    return {**row, **last_eval}
+
+
+def _pass_rates(ro: Rollouts, group_size: int) -> list[float]:
+    """Fraction of each group's completions judged correct (accuracy reward if present, else reward > 0)."""
+    values = ro.per_function.get("accuracy")
+    if values is None:
+        values = (ro.rewards > 0).float().tolist()
+    values = [0.0 if v is None else float(v) for v in values]
+    return [sum(values[g * group_size : (g + 1) * group_size]) / group_size for g in range(len(ro.records))]
+
+
+def step_metrics(ro: Rollouts) -> dict[str, float]:
+    lengths = ro.mask.sum(1)
+    row: dict[str, float] = {
+        "reward_mean": ro.rewards.mean().item(),
+        "reward_std": ro.rewards.std().item() if len(ro.rewards) > 1 else 0.0,
+        "len_mean": lengths.mean().item(),
+        "len_max": lengths.max().item(),
+        "truncated_frac": (~ro.finished).float().mean().item(),
+    }
+    for name, values in ro.per_function.items():
+        v = torch.tensor([0.0 if x is None else x for x in values])
+        row[f"reward_{name}_mean"] = v.mean().item()
+        row[f"reward_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
+    if "accuracy" in ro.per_function:
+        correct = torch.tensor([bool(x) for x in ro.per_function["accuracy"]])
+        if correct.any():
+            row["len_correct"] = lengths[correct].mean().item()
+        if (~correct).any():
+            row["len_wrong"] = lengths[~correct].mean().item()
+    return row

@@ -1,0 +1,17 @@
+"""GRPO training of an HF checkpoint on prompts with verifiable answers.
+
+    python scripts/grpo.py --model CKPT_DIR --train data/arithmetic/train.jsonl --val data/arithmetic/test.jsonl \\
+        --out runs/grpo [--group-size 8 --temperature 1.0 --beta 0.0 ...]
+    python scripts/grpo.py --help        # every option with its default
+"""
+
+from nanopost.config import main_guard, parse_config
+from nanopost.rl import GRPOConfig, train_grpo
+
+
+def main() -> None:
+    train_grpo(parse_config(GRPOConfig, description=__doc__))
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,116 @@
+"""The GRPO loop: it learns, it resumes exactly, and its pieces mean what they say."""
+
+import pytest
+import torch
+
+import nanopost.rl as rl
+from nanopost.checkpoint import load_model, load_tokenizer
+from nanopost.generate import generate
+from nanopost.metrics import read_metrics
+from nanopost.rl import GRPOConfig, overlong_penalty, sequence_logprobs, train_grpo
+from nanopost.run_state import checkpoint_path
+from tiny import larger_records, larger_task, split_pairs, write_jsonl
+
+
+def sevens(completion: str, sample: dict) -> float:
+    """A dense toy reward: how much of the text is the digit 7."""
+    return 10 * completion.count("7") / max(len(completion), 1)
+
+
+def has_seven(completion: str, sample: dict) -> float:
+    return float("7" in completion)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo")
+    ckpt, _, _ = larger_task(d)
+    records = [{"prompt": r["prompt"], "answer": r["completion"][len("<answer>"):-len("</answer>")]}
+               for r in larger_records(split_pairs()[0])]
+    return ckpt, write_jsonl(records, d / "rl.jsonl")
+
+
+def config(task, out, **kw) -> GRPOConfig:
+    ckpt, train = task
+    base = dict(model=str(ckpt), train=str(train), out=str(out), rewards={"sevens": 1.0}, steps=20,
+                prompts_per_step=4, group_size=8, max_new_tokens=16, lr=3e-3, eval_every=0, log_every=1)
+    return GRPOConfig(**{**base, **kw})
+
+
+def quiet(*_):
+    pass
+
+
+def test_seeded_run_raises_the_reward(task, tmp_path):
+    train_grpo(config(task, tmp_path), extra_rewards={"sevens": sevens}, log=quiet)
+    rewards = [r["reward_mean"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert len(rewards) == 20
+    assert sum(rewards[-5:]) / 5 > 3 * sum(rewards[:5]) / 5
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_is_exact(task, tmp_path):
+    kw = dict(steps=6, save_every=3, beta=0.04, mu=2, minibatches=2, temperature_schedule="linear",
+              temperature_end=0.6, dynamic_sampling="refill")
+    train_grpo(config(task, tmp_path / "a", **kw), extra_rewards={"sevens": sevens}, log=quiet)
+
+    def die_at_step_4(line):
+        if line.startswith("step 4/"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_grpo(config(task, tmp_path / "b", **kw), extra_rewards={"sevens": sevens}, log=die_at_step_4)
+    train_grpo(config(task, tmp_path / "b", resume=True, **kw), extra_rewards={"sevens": sevens}, log=quiet)
+    a = load_model(checkpoint_path(tmp_path / "a", "last")).state_dict()
+    b = load_model(checkpoint_path(tmp_path / "b", "last")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = [r for r in read_metrics(tmp_path / "a") if r["kind"] == "train"]
+    rows_b = [r for r in read_metrics(tmp_path / "b") if r["kind"] == "train"]
+    assert [r["step"] for r in rows_b] == list(range(1, 7))
+    assert [r["reward_mean"] for r in rows_a] == [r["reward_mean"] for r in rows_b]
+
+
+def test_dynamic_sampling_keeps_all_equal_groups_out_of_the_loss(task, tmp_path, monkeypatch):
+    seen = []
+    real_update = rl.update_policy
+
+    def spy(policy, reference, optimizer, batch, advantages, cfg, temperature, device):
+        seen.append(batch.rewards.view(-1, cfg.group_size))
+        return real_update(policy, reference, optimizer, batch, advantages, cfg, temperature, device)
+
+    monkeypatch.setattr(rl, "update_policy", spy)
+    train_grpo(config(task, tmp_path, steps=6, rewards={"has_seven": 1.0}, max_new_tokens=4,
+                      dynamic_sampling="drop"), extra_rewards={"has_seven": has_seven}, log=quiet)
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert any(r["zero_std_frac"] > 0 for r in rows)  # the setting does produce all-equal groups...
+    for groups in seen:  # ...and none of them reached the update
+        assert (groups.max(1).values > groups.min(1).values).all()
+    assert sum(r["groups_kept"] for r in rows) == sum(g.shape[0] for g in seen)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_loss_logprobs_equal_the_samplers(task, temperature):
+    ckpt, _ = task
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    prompts = [tok.encode("Which is larger, 3 or 8?"), tok.encode("Which is larger, 1 or 2? Think.")]
+    out = generate(model, prompts, max_new_tokens=12, temperature=temperature,
+                   generator=torch.Generator().manual_seed(0), stop_token_ids=[tok.eos_token_id],
+                   pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(model, prompts, out.tokens, out.mask, temperature)
+    assert torch.allclose(logp * out.mask, out.logprobs * out.mask, atol=1e-5)
+
+
+def test_overlong_penalty_is_linear_over_the_buffer():
+    lengths = torch.tensor([10, 12, 14, 15, 16])
+    # max 16, buffer 4: free up to 12 tokens, then -penalty * (len - 12) / 4
+    assert overlong_penalty(lengths, 16, 4, 1.0).tolist() == [0.0, 0.0, -0.5, -0.75, -1.0]
+    assert overlong_penalty(lengths, 16, 0, 1.0).tolist() == [0.0] * 5
+
+
+def test_group_size_one_is_refused(task, tmp_path):
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        config(task, tmp_path, group_size=1).validate()
