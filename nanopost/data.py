@@ -107,6 +107,23 @@ def load_sft(path: str | Path) -> list[list[dict]]:
     return [_sft_messages(record, f"{path}:{lineno}") for lineno, record in read_jsonl(path)]
 
 
+def load_text(path: str | Path) -> list[str]:
+    """Documents from a {"text": str} JSONL file, for plain language-model training (pretraining)."""
+    texts = []
+    for lineno, record in read_jsonl(path):
+        text = record.get("text")
+        if not isinstance(text, str) or not text:
+            raise DataError(f'{path}:{lineno}: field "text" must be a non-empty string')
+        texts.append(text)
+    return texts
+
+
+def tokenize_text(tokenizer: Tokenizer, text: str) -> Example:
+    """A plain document followed by the end-of-sequence token, every token a target."""
+    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    return Example(ids, [1] * len(ids))
+
+
 def _sft_messages(record: dict, where: str) -> list[dict]:
     has_chat = "messages" in record
     has_pair = "prompt" in record or "completion" in record

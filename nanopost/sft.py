@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model, load_tokenizer
 from .config import save_config
-from .data import Batch, Example, fit_examples, load_sft, pack_examples, tokenize_chat, tokenize_prompt
+from .data import (Batch, Example, fit_examples, load_sft, load_text, pack_examples, tokenize_chat,
+                   tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
 from .metrics import MetricsLogger, Progress
 from .model import Transformer
@@ -40,9 +41,11 @@ from .tokenizer import Tokenizer
 @dataclass
 class SFTConfig:
     model: str = field(default="", metadata={"help": "HF checkpoint directory to start from"})
-    train: str = field(default="", metadata={"help": "training JSONL: {messages} or {prompt, completion}"})
+    train: str = field(default="", metadata={"help": "training JSONL: {messages} or {prompt, completion}; {text} with --format text"})
     val: str | None = field(default=None, metadata={"help": "held-out JSONL (loss and answer accuracy)"})
     out: str = field(default="runs/sft", metadata={"help": "run directory"})
+    format: Literal["chat", "text"] = field(default="chat", metadata={
+        "help": "chat: loss on assistant replies; text: plain documents, loss on every token (pretraining)"})
     max_len: int = field(default=512, metadata={"help": "tokens per packed row (longer examples: see overflow)"})
     overflow: Literal["truncate", "drop"] = "truncate"
     batch_rows: int = field(default=8, metadata={"help": "packed rows per micro-batch"})
@@ -124,9 +127,13 @@ def accuracy_items(tokenizer: Tokenizer, conversations: list[list[dict]], limit:
 
 
 def prepare(tokenizer: Tokenizer, path: str, cfg: SFTConfig, log) -> tuple[list[list[dict]], list[Example]]:
-    conversations = load_sft(path)
-    examples, affected = fit_examples([tokenize_chat(tokenizer, m) for m in conversations],
-                                      cfg.max_len + 1, cfg.overflow)
+    """(conversations, examples that fit); conversations is empty for plain text."""
+    if cfg.format == "text":
+        conversations, tokenized = [], [tokenize_text(tokenizer, t) for t in load_text(path)]
+    else:
+        conversations = load_sft(path)
+        tokenized = [tokenize_chat(tokenizer, m) for m in conversations]
+    examples, affected = fit_examples(tokenized, cfg.max_len + 1, cfg.overflow)
     if affected:
         log(f"{path}: {affected} example(s) longer than {cfg.max_len + 1} tokens ({cfg.overflow})")
     if not examples:

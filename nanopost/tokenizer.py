@@ -299,12 +299,19 @@ CHAT_FORMATS = {
 
 
 def train_bpe(
-    texts: Iterable[str], vocab_size: int, *, chat_format: str = "chatml", min_frequency: int = 2
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    chat_format: str = "chatml",
+    min_frequency: int = 2,
+    split_digits: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer on `texts`, with the chat special tokens of `chat_format`.
 
     Byte-level means every string is encodable (no unknown token). The special tokens take ids
     0.., then the 256 byte symbols, then merges. Training is deterministic for the same texts.
+    split_digits makes every digit its own token, as Qwen2's tokenizer does: numbers then look
+    the same to the model wherever they occur, which small models need to learn arithmetic.
     """
     if chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat_format must be one of {sorted(CHAT_FORMATS)}, got {chat_format!r}")
@@ -316,7 +323,9 @@ def train_bpe(
         )
 
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
