@@ -504,7 +504,9 @@ def combine_rewards(completions: Sequence[str], samples: Sequence[Mapping[str, A
                     ) -> tuple[list[float], dict[str, list[float | None]]]:
     """Score every completion with every named, weighted reward function and combine.
 
-    `samples` holds one record per completion, or one per group of `group_size` consecutive
+    A function with a `score_batch(completions, samples)` method (a model reward) is called once
+    for the whole batch; if it returns (scores, {member: scores}) (an ensemble), the members'
+    scores are logged too, as "name.member". `samples` holds one record per completion, or one per group of `group_size` consecutive
     completions (the prompts of a GRPO batch). Returns (total per completion, raw values per
     function name for logging; None where a function did not apply).
 
@@ -533,7 +535,14 @@ def combine_rewards(completions: Sequence[str], samples: Sequence[Mapping[str, A
     per_function: dict[str, list[float | None]] = {}
     total = [0.0] * n
     for name, fn, weight in funcs:
-        values = [_checked(name, i, fn(c, s)) for i, (c, s) in enumerate(zip(completions, samples))]
+        # A model reward scores the whole batch in one pass instead of one forward per completion;
+        # an ensemble also returns each member's scores, logged as "name.member".
+        raw = fn.score_batch(completions, samples) if hasattr(fn, "score_batch") else [
+            fn(c, s) for c, s in zip(completions, samples)]
+        if isinstance(raw, tuple):
+            raw, members = raw
+            per_function.update({f"{name}.{m}": list(v) for m, v in members.items()})
+        values = [_checked(name, i, v) for i, v in enumerate(raw)]
         per_function[name] = values
         scored = _normalize_groups(values, group_size, eps) if mode == "normalize_each" else values
         for i, v in enumerate(scored):

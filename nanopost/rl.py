@@ -72,6 +72,11 @@ class GRPOConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1},
                                       metadata={"help": "reward name -> weight (accuracy, format, thinking, countdown)"})
     reward_mode: Literal["sum", "normalize_each"] = "sum"
+    reward_models: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "name -> reward model directory; each is a reward usable in --rewards"})
+    rm_ensemble: Literal["none", "mean", "min", "mean_minus_std"] = field(default="none", metadata={
+        "help": "combine all reward models into one reward named 'rm' (members logged)"})
+    rm_ensemble_lambda: float = 1.0
     # rollouts
     steps: int = 100
     prompts_per_step: int = 8
@@ -192,6 +197,19 @@ class RewardScorer:
     def __call__(self, texts: list[str], samples: list[dict], group_size: int):
         total, per = combine_rewards(texts, samples, self.funcs, group_size=group_size, mode=self.mode)
         return torch.tensor(total, dtype=torch.float32), per
+
+
+def model_rewards(cfg: GRPOConfig, device) -> dict[str, Callable]:
+    """Reward models named in the config, each a batched reward function (or one ensemble 'rm')."""
+    if not cfg.reward_models:
+        return {}
+    from .reward_model import ModelReward, RewardEnsemble, load_reward_model
+
+    members = {name: ModelReward(load_reward_model(path, device=device), load_tokenizer(path))
+               for name, path in cfg.reward_models.items()}
+    if cfg.rm_ensemble == "none":
+        return members
+    return {"rm": RewardEnsemble(members, mode=cfg.rm_ensemble, lam=cfg.rm_ensemble_lambda)}
 
 
 def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prompt_ids: list[list[int]],
@@ -329,7 +347,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
     records = load_rl(cfg.train)
     sampler = sampler or UniformSampler(records, seed=cfg.seed)
-    scorer = RewardScorer(cfg.rewards, cfg.reward_mode, extra_rewards)
+    scorer = RewardScorer(cfg.rewards, cfg.reward_mode, {**model_rewards(cfg, device), **(extra_rewards or {})})
     if check is None and cfg.task:
         from .tasks import get_task
 

@@ -511,3 +511,27 @@ def test_rewards_of_non_strings_are_zero():
         assert thinking_reward(value) == 0.0
         assert countdown_reward(value, [1, 2], 3) == 0.0
         assert arithmetic_step_score(value) is None
+
+
+class _BatchScorer:
+    """Stands in for a model reward: one call for the whole batch, optional member scores."""
+
+    def __init__(self, members: bool):
+        self.calls, self.members = 0, members
+
+    def score_batch(self, completions, samples):
+        self.calls += 1
+        scores = [float(len(c)) for c in completions]
+        return (scores, {"a": scores, "b": [0.0] * len(scores)}) if self.members else scores
+
+    def __call__(self, completion, sample):
+        raise AssertionError("a batch scorer must be called once per batch")
+
+
+@pytest.mark.parametrize("members", [False, True])
+def test_batch_scorers_are_called_once_and_ensemble_members_logged(members):
+    scorer = _BatchScorer(members)
+    total, per = combine_rewards(["ab", "abcd"], [{}, {}], [("rm", scorer, 0.5)], group_size=2)
+    assert scorer.calls == 1 and total == [1.0, 2.0]  # 0.5 * len
+    assert per["rm"] == [2.0, 4.0]
+    assert ("rm.a" in per and per["rm.b"] == [0.0, 0.0]) == members
