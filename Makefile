@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test bench venv clean
+.PHONY: demo test bench venv clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,18 @@ $(VENV)/.test: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+$(VENV)/.demo: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install -q -e ".[plot]"
+	touch $@
+
 $(VENV)/.bench: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install -q -e ".[bench]"
 	touch $@
 
 venv: $(VENV)/.test
+
+demo: $(VENV)/.demo
+	$(PY) scripts/demo.py
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

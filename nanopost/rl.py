@@ -351,7 +351,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     if check is None and cfg.task:
         from .tasks import get_task
 
-        check = get_task(cfg.task).check
+        task = get_task(cfg.task)
+        check = lambda completion, item: task.check(completion, item.record)  # noqa: E731
     eval_items = []
     if cfg.val:
         eval_items = [EvalItem(tokenize_prompt(tokenizer, template.messages(r["prompt"])), r["answer"],

@@ -52,6 +52,8 @@ class SFTConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     epochs: float = 1.0
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
+    max_seconds: float = field(default=0.0, metadata={
+        "help": "stop after this much training time (0: no limit); e.g. a control arm at equal compute"})
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -199,6 +201,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
         return row
 
     progress = Progress(total_steps, start_step=step)
+    started = time.perf_counter()
     epoch_of_batches = 0
     last_eval: dict = {}
     row: dict = {}
@@ -233,6 +236,12 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
             if cfg.val:
                 last_eval = run_eval()
         eval_due = cfg.eval_every and step % cfg.eval_every == 0
+        out_of_time = cfg.max_seconds and time.perf_counter() - started >= cfg.max_seconds
+        if out_of_time and step < total_steps:
+            log(f"time budget of {cfg.max_seconds:.0f}s reached at step {step}")
+            if cfg.val and not eval_due:
+                last_eval = run_eval()
+            total_steps = step
         if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and eval_due) or step == total_steps:
             checkpoint("last", last_eval)
     return {"step": step, "loss": row.get("loss", math.nan), **last_eval}
