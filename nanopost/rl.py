@@ -31,6 +31,7 @@ Choices, and where this loop departs from the textbook (DeepSeekMath) GRPO:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -395,9 +396,14 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         last_eval = run_eval()
     while step < cfg.steps:
         t0 = time.perf_counter()
-        temperature = temperature_at(step, cfg.steps, kind=cfg.temperature_schedule, start=cfg.temperature,
-                                     end=cfg.temperature if cfg.temperature_end is None else cfg.temperature_end,
-                                     stages=cfg.temperature_stages or None)
+        # A curriculum stage may set its own temperature and group size ("hotter late" in one line).
+        settings = sampler.stage_settings(step) if hasattr(sampler, "stage_settings") else {}
+        temperature = settings["temperature"] if "temperature" in settings else temperature_at(
+            step, cfg.steps, kind=cfg.temperature_schedule, start=cfg.temperature,
+            end=cfg.temperature if cfg.temperature_end is None else cfg.temperature_end,
+            stages=cfg.temperature_stages or None)
+        G = settings.get("group_size", cfg.group_size)
+        step_cfg = cfg if G == cfg.group_size else dataclasses.replace(cfg, group_size=G)
         lr = lr_at(step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
                    kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
@@ -408,13 +414,13 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         for _ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling == "refill" else 0)):
             recs = sampler.sample(want, step)
             prompt_ids = [tokenize_prompt(tokenizer, template.messages(r["prompt"])) for r in recs]
-            ro = collect(policy, tokenizer, recs, prompt_ids, scorer, cfg, temperature, generator)
-            sampler.update(recs, _pass_rates(ro, cfg.group_size), step)
-            zero = zero_variance_groups(ro.rewards, cfg.group_size)
+            ro = collect(policy, tokenizer, recs, prompt_ids, scorer, step_cfg, temperature, generator)
+            sampler.update(recs, _pass_rates(ro, G), step)
+            zero = zero_variance_groups(ro.rewards, G)
             n_zero += sum(zero)
             sampled.append(ro)
             if cfg.dynamic_sampling != "off":
-                ro = ro.select_groups([g for g, z in enumerate(zero) if not z], cfg.group_size)
+                ro = ro.select_groups([g for g, z in enumerate(zero) if not z], G)
             if ro.records:
                 kept.append(ro)
             want -= len(ro.records)
@@ -427,8 +433,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         update_stats: dict = {}
         if kept:
             batch = Rollouts.concat(kept)
-            adv = group_advantages(batch.rewards, cfg.group_size, scale=cfg.adv_scale)
-            update_stats = update_policy(policy, reference, optimizer, batch, adv, cfg, temperature, device)
+            adv = group_advantages(batch.rewards, G, scale=cfg.adv_scale)
+            update_stats = update_policy(policy, reference, optimizer, batch, adv, step_cfg, temperature, device)
         t_update = time.perf_counter() - tu
         step += 1
         if reference is not None and cfg.ref_reset_every and step - ref_reset_at >= cfg.ref_reset_every:
@@ -438,7 +444,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         # 3. metrics
         n_groups = len(rollouts.records)
         row = step_metrics(rollouts)
-        row.update(kind="train", step=step, lr=lr, temperature=temperature, zero_std_frac=n_zero / n_groups,
+        row.update(kind="train", step=step, lr=lr, temperature=temperature, group_size=G, zero_std_frac=n_zero / n_groups,
                    groups_kept=sum(len(p.records) for p in kept), groups_sampled=n_groups,
                    time_generate=rollouts.seconds["generate"], time_score=rollouts.seconds["score"],
                    time_update=t_update, time_step=time.perf_counter() - t0,

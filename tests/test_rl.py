@@ -114,3 +114,15 @@ def test_overlong_penalty_is_linear_over_the_buffer():
 def test_group_size_one_is_refused(task, tmp_path):
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         config(task, tmp_path, group_size=1).validate()
+
+
+def test_curriculum_stages_set_temperature_and_group_size(task, tmp_path):
+    from nanopost.curriculum import CurriculumSampler, Stage
+    from nanopost.data import load_rl
+
+    cfg = config(task, tmp_path, steps=4)
+    stages = [Stage(until=0.5, temperature=0.7, group_size=4), Stage(until=1.0, temperature=1.3, group_size=6)]
+    sampler = CurriculumSampler(load_rl(cfg.train), total_steps=4, stages=stages)
+    train_grpo(cfg, sampler=sampler, extra_rewards={"sevens": sevens}, log=quiet)
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert [(r["temperature"], r["group_size"]) for r in rows] == [(0.7, 4), (0.7, 4), (1.3, 6), (1.3, 6)]
