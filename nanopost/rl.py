@@ -283,9 +283,12 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
                                                 batch.mask[rows].to(device), temperature)[0].float())
         ref_logp = torch.cat(chunks)
     stats: dict[str, list[float]] = defaultdict(list)
-    order = list(range(N))
+    n_steps = 0
     for _ in range(cfg.mu):
+        # Fresh mini-batches each pass (the global RNG is part of the checkpoint, so resume is exact).
+        order = torch.randperm(N).tolist() if cfg.minibatches > 1 else list(range(N))
         for mb in _split(order, cfg.minibatches):
+            n_steps += 1
             rows = torch.tensor(mb, dtype=torch.long)
             n_tokens = loss_mask[rows].sum()
             for start in range(0, len(mb), _micro(cfg, len(mb))):
@@ -309,7 +312,6 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
             stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    n_steps = cfg.mu * min(cfg.minibatches, N)
     out = {k: sum(v) / n_steps for k, v in stats.items() if k not in ("loss", "grad_norm", "entropy")}
     out["loss"] = sum(stats["loss"]) / n_steps  # micro-batch losses of one step add up to the step's loss
     out["grad_norm"] = sum(stats["grad_norm"]) / len(stats["grad_norm"])
