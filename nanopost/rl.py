@@ -48,7 +48,8 @@ from .data import load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, left_pad
 from .grpo import entropy_from_logits, group_advantages, policy_loss, token_logprobs
-from .metrics import MetricsLogger, Progress
+from .metrics import MetricsLogger, Progress, read_metrics
+from .monitor import CODES, LiveMonitor
 from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
@@ -126,9 +127,13 @@ class GRPOConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    stop_on: list[str] = field(default_factory=list, metadata={
+        "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
     resume: bool = False
 
     def validate(self) -> None:
+        if set(self.stop_on) - set(CODES):
+            raise ValueError(f"--stop-on: unknown {sorted(set(self.stop_on) - set(CODES))}; known: {', '.join(CODES)}")
         if not self.model or not self.train:
             raise ValueError("--model and --train are required")
         if self.group_size < 2:
@@ -373,6 +378,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
             reference.load_state_dict(load_model(resume_from / "reference", device=device).state_dict())
         log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLogger(run, resume_step=step)
+    # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
+    monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step else ())
     ref_reset_at = step
 
     def save(name: str) -> None:
@@ -386,7 +393,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                        temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed)
         row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
         row.update({f"accuracy_level_{k}": v for k, v in res["per_difficulty"].items()})
-        metrics.log(row)
+        monitor.observe(metrics.log(row))
         log(f"eval step {step}: accuracy {res['accuracy']:.3f} [{res['accuracy_lo']:.3f}, {res['accuracy_hi']:.3f}]"
             + (f", avg@{cfg.eval_k} {res[f'avg@{cfg.eval_k}']:.3f}" if cfg.eval_k else ""))
         return row
@@ -452,15 +459,18 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                    time_update=t_update, time_step=time.perf_counter() - t0,
                    **update_stats, **{f"sampler_{k}": v for k, v in sampler.metrics().items()})
         row["tok_per_s"] = rollouts.mask.sum().item() / row["time_step"]
-        metrics.log(row)
+        monitor.observe(metrics.log(row))
         if step % cfg.log_every == 0 or step == cfg.steps:
             log(progress.line(step, reward=row["reward_mean"], **({"acc": row["reward_accuracy_mean"]}
                 if "reward_accuracy_mean" in row else {}), T=temperature, len=row["len_mean"],
                 zero_std=row["zero_std_frac"], tok_per_s=row["tok_per_s"]))
         if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             last_eval = run_eval()
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or monitor.should_stop:
             save("last")
+        if monitor.should_stop:
+            log(f"stopping at step {step}: {monitor.stop_reason.code} is in --stop-on")
+            break
     return {**row, **last_eval}
 
 

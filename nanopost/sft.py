@@ -29,7 +29,8 @@ from .config import save_config
 from .data import (Batch, Example, fit_examples, load_sft, load_text, pack_examples, tokenize_chat,
                    tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
-from .metrics import MetricsLogger, Progress
+from .metrics import MetricsLogger, Progress, read_metrics
+from .monitor import CODES, LiveMonitor
 from .model import Transformer
 from .rewards import extract_answer
 from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -69,9 +70,13 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    stop_on: list[str] = field(default_factory=list, metadata={
+        "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
     resume: bool = field(default=False, metadata={"help": "continue from out/checkpoints/last"})
 
     def validate(self) -> None:
+        if set(self.stop_on) - set(CODES):
+            raise ValueError(f"--stop-on: unknown {sorted(set(self.stop_on) - set(CODES))}; known: {', '.join(CODES)}")
         if not self.model or not self.train:
             raise ValueError("--model and --train are required")
         if self.batch_rows < 1 or self.grad_accum < 1:
@@ -179,6 +184,8 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
         step, consumed, best = extra["step"], extra["consumed"], extra["best_val_loss"]
         log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLogger(run, resume_step=step)
+    # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
+    monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step else ())
 
     def checkpoint(name: str, extra_metrics: dict | None = None) -> None:
         save_checkpoint(checkpoint_path(run, name), model=model, tokenizer=tokenizer, optimizer=optimizer,
@@ -193,7 +200,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
         if acc_items:
             res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens)
             row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
-        metrics.log(row)
+        monitor.observe(metrics.log(row))
         if "val_loss" in row and row["val_loss"] < best:
             best = row["val_loss"]
             checkpoint("best", row)
@@ -231,11 +238,14 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
             row["tok_per_s"] = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
             log(progress.line(step, loss=step_loss, lr=lr, tok_per_s=row["tok_per_s"]))
-        metrics.log(row)
+        monitor.observe(metrics.log(row))
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
             if cfg.val:
                 last_eval = run_eval()
         eval_due = cfg.eval_every and step % cfg.eval_every == 0
+        if monitor.should_stop and step < total_steps:
+            log(f"stopping at step {step}: {monitor.stop_reason.code} is in --stop-on")
+            total_steps = step
         out_of_time = cfg.max_seconds and time.perf_counter() - started >= cfg.max_seconds
         if out_of_time and step < total_steps:
             log(f"time budget of {cfg.max_seconds:.0f}s reached at step {step}")
@@ -244,4 +254,4 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
             total_steps = step
         if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and eval_due) or step == total_steps:
             checkpoint("last", last_eval)
-    return {"step": step, "loss": row.get("loss", math.nan), **last_eval}
+    return {**last_eval, "step": step, "loss": row.get("loss", math.nan)}
