@@ -37,6 +37,7 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.bench
 	$(PY) scripts/bench_generate.py
+	$(PY) scripts/bench_sft.py
 
 clean:
 	rm -rf $(VENV) runs
