@@ -1,13 +1,21 @@
-"""Shared pieces of the benchmarks: the machine's matmul peak, timing, and the benchmark models."""
+"""Shared pieces of the benchmarks: the machine's matmul peak, timing, the benchmark models,
+synthetic chats, how tokens and training FLOPs are counted, and peak memory measured one
+process per measurement."""
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import subprocess
+import sys
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
-from .model import ModelConfig
+from .data import PAD_SEGMENT
+from .model import ModelConfig, Transformer
 
 # The two model sizes every benchmark uses (Qwen2-style, random init).
 SIZES = {
@@ -46,3 +54,120 @@ def matmul_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, device:
             torch.cuda.synchronize()
 
     return 8 * 2 * n**3 / best_time(run, repeats=5)
+
+
+# Pseudo-words from two-letter syllables: a 1024-token BPE learns most of them whole, so a
+# sentence of k words is about k + 1 tokens, and the lengths of the chats are predictable.
+_SYLLABLES = "ka lo mi ne ru sa to vi be da fo gu hi ja ke li mo nu pa qe ri so tu we xo yi za".split()
+
+
+def random_chats(n: int, seed: int = 0, prompt_sentences: tuple[int, int] = (3, 4),
+                 reply_sentences: tuple[int, int] = (5, 6)) -> list[list[dict]]:
+    """n single-turn conversations [user, assistant] of random sentences, the same for the same seed.
+
+    With the defaults and a 1024-token BPE trained on them, a ChatML-rendered chat is 80-115
+    tokens (mean ~96), about half of them in the reply.
+    """
+    words_rng = random.Random(0)  # one vocabulary for every seed, so one tokenizer fits all
+    words = sorted({"".join(words_rng.choice(_SYLLABLES) for _ in range(words_rng.randint(1, 3)))
+                    for _ in range(400)})
+    rng = random.Random(seed)
+
+    def text(sentences: tuple[int, int]) -> str:
+        return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 9))).capitalize() + "."
+                        for _ in range(rng.randint(*sentences)))
+
+    return [[{"role": "user", "content": text(prompt_sentences)},
+             {"role": "assistant", "content": text(reply_sentences)}] for _ in range(n)]
+
+
+def document_lengths(segment_ids: torch.Tensor) -> list[int]:
+    """Positions of every document in a packed [B, T] batch, padding left out.
+
+    Segments are numbered 0, 1, ... within each row, so a row's counts by segment are its documents.
+    """
+    lengths = []
+    for row in segment_ids:
+        row = row[row != PAD_SEGMENT]
+        lengths += torch.bincount(row).tolist() if row.numel() else []
+    return lengths
+
+
+def training_flops(model: Transformer, lengths: Iterable[int]) -> float:
+    """Model FLOPs of one forward and backward pass over documents of these lengths (in positions).
+
+    The backward pass costs two matmuls for every one of the forward (gradients of the input and
+    of the weight), so training is 3x the forward. Each document attends causally to itself only,
+    which is what packing or padding masks leave (see forward_flops).
+    """
+    return 3.0 * forward_flops(model, lengths)
+
+
+def forward_flops(model: Transformer, lengths: Iterable[int]) -> float:
+    """Model FLOPs of one forward pass over sequences of these lengths (in positions), each
+    attending causally to itself: a position sees (n + 1) / 2 keys on average. Sampling with a KV
+    cache costs the same, one position at a time."""
+    return sum(n * model.flops_per_token(context=(n + 1) / 2) for n in lengths)
+
+
+def grpo_step_flops(model: Transformer, lengths: Iterable[int], *, reference: bool, passes: int = 1) -> float:
+    """Model FLOPs of one GRPO step over rollouts of these lengths (prompt + completion positions).
+
+    Sampling is one forward pass, the reference (when beta > 0) another, and each pass over the
+    rollouts (mu) a forward and backward, 3x the forward. The old logprobs are those kept while
+    sampling, so they cost no pass of their own.
+    """
+    return forward_flops(model, lengths) * (1 + int(reference) + 3 * passes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, one process per measurement
+
+RESULT_MARK = "nanopost-bench-result: "
+
+
+def peak_rss() -> int:
+    """High-water mark of this process's resident memory, in bytes.
+
+    Linux's VmHWM covers only the process's own address space. ru_maxrss, the fallback elsewhere,
+    also keeps the peak of whatever the process was before exec: a child spawned by a parent
+    holding 1 GiB reports at least 1 GiB.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # Unix only
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def report_result(result: dict) -> None:
+    """Child side of run_isolated: hand `result` and this process's peak RSS to the parent."""
+    print(RESULT_MARK + json.dumps({**result, "peak_rss": peak_rss()}), flush=True)
+
+
+def run_isolated(argv: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run `python *argv` in a fresh process and return what it passed to report_result.
+
+    Memory a process has touched stays in its high-water mark (and allocators seldom give it
+    back), so two frameworks measured in one process would each inherit the other's peak. The
+    child's other output is passed through as it comes.
+    """
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    result = None
+    for line in proc.stdout:
+        if line.startswith(RESULT_MARK):
+            result = json.loads(line[len(RESULT_MARK):])
+        else:
+            print(line, end="", flush=True)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exited with status {proc.returncode}")
+    if result is None:
+        raise RuntimeError(f"{' '.join(argv)}: finished without reporting a result")
+    return result
