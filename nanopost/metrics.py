@@ -183,9 +183,11 @@ class Progress:
     """
 
     def __init__(
-        self, total_steps: int, start_step: int = 0, *, clock: Callable[[], float] = time.monotonic
+        self, total_steps: int, start_step: int = 0, *, clock: Callable[[], float] = time.monotonic,
+        max_seconds: float = 0.0,
     ):
         self.total_steps = total_steps
+        self.max_seconds = max_seconds  # a time budget ends the run first when it is the nearer end
         self.start_step = start_step
         self.clock = clock
         self.t0 = clock()
@@ -200,7 +202,10 @@ class Progress:
             per_step = (now - self.t0) / (step - self.start_step)
         else:
             return None
-        return max(self.total_steps - step, 0) * per_step
+        left = max(self.total_steps - step, 0) * per_step
+        if self.max_seconds:
+            left = min(left, max(self.max_seconds - (now - self.t0), 0.0))
+        return left
 
     def line(self, step: int, **values: Any) -> str:
         now = self.clock()
@@ -208,7 +213,10 @@ class Progress:
         if self._first is None:
             self._first = (now, step)
         width = len(str(self.total_steps))
-        parts = [f"step {step:>{width}}/{self.total_steps}"]
+        budget_first = self.max_seconds and eta is not None and eta < max(self.total_steps - step, 0) * (
+            (now - self.t0) / max(step - self.start_step, 1))
+        parts = [f"step {step} (time budget {format_duration(self.max_seconds)})" if budget_first
+                 else f"step {step:>{width}}/{self.total_steps}"]
         parts += [format_value(k, v) for k, v in values.items() if v is not None]
         parts.append(f"{format_duration(now - self.t0)} elapsed")
         parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")

@@ -207,7 +207,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
         log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         return row
 
-    progress = Progress(total_steps, start_step=step)
+    progress = Progress(total_steps, start_step=step, max_seconds=cfg.max_seconds)
     started = time.perf_counter()
     epoch_of_batches = 0
     last_eval: dict = {}
