@@ -38,6 +38,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.bench
 	$(PY) scripts/bench_generate.py
 	$(PY) scripts/bench_sft.py
+	$(PY) scripts/bench_grpo.py
 
 clean:
 	rm -rf $(VENV) runs

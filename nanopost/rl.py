@@ -279,6 +279,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
         loss_mask[~batch.finished] = 0.0
     N = len(batch.prompts)
     ref_logp = None
+    t_ref = time.perf_counter()
     if reference is not None:
         chunks = []
         for r in range(0, N, _micro(cfg, N)):
@@ -287,6 +288,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
                 chunks.append(sequence_logprobs(reference, batch.prompts[rows], batch.tokens[rows].to(device),
                                                 batch.mask[rows].to(device), temperature)[0].float())
         ref_logp = torch.cat(chunks)
+    t_ref = time.perf_counter() - t_ref
     stats: dict[str, list[float]] = defaultdict(list)
     n_steps = 0
     for _ in range(cfg.mu):
@@ -321,6 +323,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
     out["loss"] = sum(stats["loss"]) / n_steps  # micro-batch losses of one step add up to the step's loss
     out["grad_norm"] = sum(stats["grad_norm"]) / len(stats["grad_norm"])
     out["entropy"] = sum(stats["entropy"]) / len(stats["entropy"])
+    out["time_reference"] = t_ref
     return out
 
 
