@@ -56,7 +56,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(read_json(file), source=str(file))
 
 
-def _weight_files(root: Path) -> dict[str, Path]:
+def weight_files(root: Path) -> dict[str, Path]:
     """tensor name -> file it lives in (from the shard index, or the single file's header)."""
     index = root / INDEX_FILE
     if index.is_file():
@@ -71,15 +71,50 @@ def _weight_files(root: Path) -> dict[str, Path]:
     single = root / SINGLE_FILE
     if not single.is_file():
         raise FileNotFoundError(f"{root}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with _open(single) as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
-def _open(file: Path):
+def open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_tensors(
+    root: Path,
+    files: dict[str, Path],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    needs: str = "the config needs",
+) -> dict[str, torch.Tensor]:
+    """Every tensor of `shapes` from its file, strictly: a missing, unexpected or misshaped
+    tensor is an error naming the tensor, the file and both shapes."""
+    missing = [n for n in shapes if n not in files]
+    if missing:
+        raise ValueError(f"{root}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = [n for n in files if n not in shapes]
+    if unexpected:
+        raise ValueError(f"{files[unexpected[0]]}: unexpected tensor(s) {', '.join(unexpected[:5])}")
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        with open_safetensors(file) as f:
+            for name in names:
+                try:
+                    t = f.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{file}: cannot read tensor {name} ({e})") from None
+                want = tuple(shapes[name])
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{file}: tensor {name} has shape {tuple(t.shape)}, {needs} {want}")
+                state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    return state
 
 
 def load_model(
@@ -95,34 +130,10 @@ def load_model(
     expected = model.state_dict()
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    files = _weight_files(root)
+    files = weight_files(root)
     if cfg.tie_word_embeddings:
         files.pop("lm_head.weight", None)  # some writers store the tied copy too; it is redundant
-
-    missing = [n for n in expected if n not in files]
-    if missing:
-        raise ValueError(f"{root}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    unexpected = [n for n in files if n not in expected]
-    if unexpected:
-        raise ValueError(f"{files[unexpected[0]]}: unexpected tensor(s) {', '.join(unexpected[:5])}")
-
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with _open(file) as f:
-            for name in names:
-                try:
-                    t = f.get_tensor(name)
-                except (SafetensorError, OSError) as e:
-                    raise ValueError(f"{file}: cannot read tensor {name} ({e})") from None
-                want = tuple(expected[name].shape)
-                if tuple(t.shape) != want:
-                    raise ValueError(
-                        f"{file}: tensor {name} has shape {tuple(t.shape)}, the config needs {want}"
-                    )
-                state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    state = read_tensors(root, files, {n: t.shape for n, t in expected.items()}, device=device, dtype=dtype)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

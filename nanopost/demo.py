@@ -70,7 +70,7 @@ class DemoConfig:
     grpo_steps: int = 100
     grpo_prompts: int = 16
     group_size: int = 8
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 1e-5
     temperature: float = 0.8
     temperature_end: float = 1.0
     max_new_tokens: int = 64

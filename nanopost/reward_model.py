@@ -41,10 +41,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, _open, _weight_files, read_json, write_atomic
+from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, read_json, read_tensors, weight_files, write_atomic
 from .data import DataError, _is_number, _json_type, read_jsonl, tokenize_chat
 from .model import ModelConfig, Transformer
 from .runtime import autocast, make_optimizer
@@ -200,34 +199,17 @@ def load_reward_model(
     with torch.device("meta"):
         rm = RewardModel(Transformer(cfg))
     expected = {name.removeprefix("backbone."): (name, t.shape) for name, t in rm.state_dict().items()}
-    files = _weight_files(root)
+    files = weight_files(root)
     if HEAD not in files:
         raise ValueError(
             f"{root}: missing tensor {HEAD} (the reward head); the weights are a backbone without its score"
         )
-    missing = [n for n in expected if n not in files]
-    if missing:
-        raise ValueError(f"{root}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    unexpected = [n for n in files if n not in expected]
-    if unexpected:
-        raise ValueError(f"{files[unexpected[0]]}: unexpected tensor(s) {', '.join(unexpected[:5])}")
-
-    by_file: dict[Path, list[str]] = {}
-    for name, source in files.items():
-        by_file.setdefault(source, []).append(name)
-    state: dict[str, torch.Tensor] = {}
-    for source, names in by_file.items():
-        with _open(source) as f:
-            for name in names:
-                try:
-                    t = f.get_tensor(name)
-                except (SafetensorError, OSError) as e:
-                    raise ValueError(f"{source}: cannot read tensor {name} ({e})") from None
-                ours, shape = expected[name]
-                if tuple(t.shape) != tuple(shape):
-                    needs = "the reward head needs" if name == HEAD else "the config needs"
-                    raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, {needs} {tuple(shape)}")
-                state[ours] = t.to(device=device, dtype=dtype or t.dtype)
+    shapes = {name: shape for name, (_, shape) in expected.items()}
+    backbone = read_tensors(root, {n: f for n, f in files.items() if n != HEAD},
+                            {n: s for n, s in shapes.items() if n != HEAD}, device=device, dtype=dtype)
+    head = read_tensors(root, {HEAD: files[HEAD]}, {HEAD: shapes[HEAD]}, device=device, dtype=dtype,
+                        needs="the reward head needs")
+    state = {expected[name][0]: t for name, t in {**backbone, **head}.items()}
     rm.load_state_dict(state, strict=True, assign=True)
     return rm
 
