@@ -31,6 +31,9 @@ from .config import save_config
 from .curriculum import CurriculumSampler, Stage
 from .data import load_rl, tokenize_prompt
 from .eval import EvalItem, evaluate
+from .metrics import read_metrics
+from .monitor import diagnose, format_report
+from .plot import plot_runs
 from .model import ModelConfig, Transformer
 from .prompts import PromptTemplate
 from .rewards import sample_reward
@@ -207,6 +210,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         log(f"  {name:8s} accuracy {results[name]['accuracy']:.3f}")
     total = time.perf_counter() - t_start
     report = render_report(cfg, results, grpo_seconds, total)
+    findings = diagnose(read_metrics(grpo_run))
+    report += "\n## Diagnostics of the GRPO run\n\n" + (format_report(findings) if findings else "No finding.") + "\n"
+    try:
+        plot_runs([sft_run, grpo_run, control_run], root / "curves.png")
+        report += "\n![training curves](curves.png)\n"
+    except ModuleNotFoundError as e:  # matplotlib is optional; the report says why the picture is missing
+        report += f"\n(no curves: {e})\n"
     (root / "report.md").write_text(report)
     (root / "results.json").write_text(json.dumps({"results": results, "seconds": total}, indent=2, default=str))
     log(f"report: {root / 'report.md'} ({total / 60:.1f} min)")
