@@ -41,4 +41,4 @@ bench: $(VENV)/.bench
 	$(PY) scripts/bench_grpo.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs out
