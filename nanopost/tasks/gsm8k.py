@@ -17,11 +17,11 @@ Ids are "gsm8k-{file stem}-{line number}".
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
+from nanopost.data import read_jsonl
 from nanopost.rewards import accuracy_reward
 from nanopost.tasks.base import Task
 
@@ -50,36 +50,23 @@ def load_gsm8k(path: str | Path) -> list[dict]:
     Errors name the file and line: "data/gsm8k/test.jsonl:17: missing field "answer"".
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: GSM8K file not found")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg}") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            for field in ("question", "answer"):
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f'{where}: missing field "{field}" (a string)')
-            try:
-                reasoning, answer = parse_solution(row["answer"])
-            except ValueError as e:
-                raise ValueError(f'{where}: field "answer": {e}') from e
-            records.append({
-                "id": f"gsm8k-{path.stem}-{lineno}",
-                "prompt": row["question"].strip(),
-                "answer": answer,
-                "difficulty": min(MAX_LEVEL, max(1, reasoning.count("\n") + 1)),
-                "reasoning": reasoning,
-            })
-    if not records:
-        raise ValueError(f"{path}: no records")
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        for field in ("question", "answer"):
+            if not isinstance(row.get(field), str):
+                raise ValueError(f'{where}: missing field "{field}" (a string)')
+        try:
+            reasoning, answer = parse_solution(row["answer"])
+        except ValueError as e:
+            raise ValueError(f'{where}: field "answer": {e}') from e
+        records.append({
+            "id": f"gsm8k-{path.stem}-{lineno}",
+            "prompt": row["question"].strip(),
+            "answer": answer,
+            "difficulty": min(MAX_LEVEL, max(1, reasoning.count("\n") + 1)),
+            "reasoning": reasoning,
+        })
     return records
 
 
