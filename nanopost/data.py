@@ -230,6 +230,11 @@ def _rl_sample(record: dict, where: str, default_id: str) -> dict:
         got = _json_type(answer)
         raise DataError(f'{where}: field "answer" must be a string or a finite number, got {got}')
     answer = str(answer)
+    if "####" in answer:
+        # A worked solution ending in "#### x" (the GSM8K convention): x is the gold answer, and
+        # the worked solution is kept as "reasoning".
+        record = {**record, "reasoning": answer.rsplit("####", 1)[0].strip()}
+        answer = answer.rsplit("####", 1)[1].strip().replace(",", "")
     if not answer.strip():
         raise DataError(f'{where}: field "answer" is empty')
 

@@ -1,6 +1,6 @@
 """GRPO training of an HF checkpoint on prompts with verifiable answers.
 
-    python scripts/grpo.py --model CKPT_DIR --train data/arithmetic/train.jsonl --val data/arithmetic/test.jsonl \\
+    python scripts/grpo.py --model CKPT_DIR --train data/gsm8k/train.jsonl --val data/gsm8k/test.jsonl --task gsm8k \\
         --out runs/grpo [--group-size 8 --temperature 1.0 --beta 0.0 ...]
     python scripts/grpo.py --help        # every option with its default
 """

@@ -430,3 +430,11 @@ def test_packed_and_padded_batches_give_the_same_loss():
     padded = make_batch(examples)
     assert packed[0].num_loss_tokens == padded.num_loss_tokens
     torch.testing.assert_close(summed_loss(packed[0]), summed_loss(padded), rtol=1e-5, atol=1e-5)
+
+
+def test_load_rl_reads_gsm8k_style_answers(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text('{"question": "How many?", "answer": "2 + 2 = 4 apples\\nThen 1,000 more.\\n#### 1,004"}\n')
+    [record] = load_rl(f)
+    assert record["prompt"] == "How many?" and record["answer"] == "1004"
+    assert record["reasoning"] == "2 + 2 = 4 apples\nThen 1,000 more."
