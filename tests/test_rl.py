@@ -126,3 +126,22 @@ def test_curriculum_stages_set_temperature_and_group_size(task, tmp_path):
     train_grpo(cfg, sampler=sampler, extra_rewards={"sevens": sevens}, log=quiet)
     rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert [(r["temperature"], r["group_size"]) for r in rows] == [(0.7, 4), (0.7, 4), (1.3, 6), (1.3, 6)]
+
+
+def test_reward_models_and_their_ensemble_score_rollouts(task, tmp_path):
+    from nanopost.reward_model import RewardModel, save_reward_model
+
+    ckpt, _ = task
+    tok = load_tokenizer(ckpt)
+    for i, name in enumerate(["a", "b"]):
+        rm = RewardModel(load_model(ckpt), generator=torch.Generator().manual_seed(i))
+        save_reward_model(rm, tmp_path / name, tokenizer=tok)
+    rms = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
+    train_grpo(config(task, tmp_path / "single", steps=2, rewards={"a": 1.0}, reward_models=rms), log=quiet)
+    row = [r for r in read_metrics(tmp_path / "single") if r["kind"] == "train"][-1]
+    assert row["reward_a_std"] > 0  # a random head still tells completions apart
+    train_grpo(config(task, tmp_path / "ens", steps=2, rewards={"rm": 1.0}, reward_models=rms, rm_ensemble="min"),
+               log=quiet)
+    row = [r for r in read_metrics(tmp_path / "ens") if r["kind"] == "train"][-1]
+    assert {"reward_rm_mean", "reward_rm.a_mean", "reward_rm.b_mean"} <= set(row)
+    assert row["reward_rm_mean"] <= min(row["reward_rm.a_mean"], row["reward_rm.b_mean"]) + 1e-6
