@@ -19,7 +19,7 @@ Values are converted by the field's annotation:
     dict[str, X]                a TOML table, or an inline one: `--weights "{accuracy = 1.0}"`
     a dataclass                 a group of options: `--optim.lr`, `[optim]` in TOML
 
-Nothing is ever passed to eval(); bracketed values are read by the TOML parser. After the
+Values are never run as code; bracketed values are read by the TOML parser. After the
 dataclass is built, every `validate()` method it (or a nested dataclass) defines is called.
 
 Mistakes raise `ConfigError` naming the option: an unknown option lists the close matches
