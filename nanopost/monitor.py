@@ -625,6 +625,14 @@ def format_report(findings: Sequence[Finding]) -> str:
     return "\n\n".join([head, *(format_finding(f) for f in findings)]) + "\n"
 
 
+def check_stop_on(codes: Iterable[str]) -> set[str]:
+    """The finding codes a run may stop on; an unknown code is an error listing the known ones."""
+    unknown = set(codes) - set(CODES)
+    if unknown:
+        raise ValueError(f"--stop-on: unknown finding codes {sorted(unknown)}; known: {', '.join(CODES)}")
+    return set(codes)
+
+
 class LiveMonitor:
     """The diagnostics during a run: call `observe(row)` with every metrics row the loop logs.
 
@@ -640,10 +648,7 @@ class LiveMonitor:
                  log: Callable[[str], Any] | None = print, history: Sequence[Mapping[str, Any]] = (),
                  **thresholds: Any):
         self.thresholds = dataclasses.asdict(Thresholds.make(**thresholds))
-        self.stop_on = set(stop_on)
-        unknown = self.stop_on - set(CODES)
-        if unknown:
-            raise ValueError(f"stop_on: unknown finding codes {sorted(unknown)}; known: {', '.join(CODES)}")
+        self.stop_on = check_stop_on(stop_on)
         self.every = max(1, every)
         self.log = log
         self.rows: list[dict] = [dict(r) for r in history]

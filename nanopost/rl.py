@@ -49,7 +49,7 @@ from .eval import EvalItem, default_check, evaluate
 from .generate import generate, left_pad
 from .grpo import entropy_from_logits, group_advantages, policy_loss, token_logprobs
 from .metrics import MetricsLogger, Progress, read_metrics
-from .monitor import CODES, LiveMonitor
+from .monitor import LiveMonitor, check_stop_on
 from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
@@ -132,8 +132,7 @@ class GRPOConfig:
     resume: bool = False
 
     def validate(self) -> None:
-        if set(self.stop_on) - set(CODES):
-            raise ValueError(f"--stop-on: unknown {sorted(set(self.stop_on) - set(CODES))}; known: {', '.join(CODES)}")
+        check_stop_on(self.stop_on)  # at parse time, before any model is loaded
         if not self.model or not self.train:
             raise ValueError("--model and --train are required")
         if self.group_size < 2:

@@ -30,7 +30,7 @@ from .data import (Batch, Example, fit_examples, load_sft, load_text, pack_examp
                    tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
 from .metrics import MetricsLogger, Progress, read_metrics
-from .monitor import CODES, LiveMonitor
+from .monitor import LiveMonitor, check_stop_on
 from .model import Transformer
 from .rewards import extract_answer
 from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -75,8 +75,7 @@ class SFTConfig:
     resume: bool = field(default=False, metadata={"help": "continue from out/checkpoints/last"})
 
     def validate(self) -> None:
-        if set(self.stop_on) - set(CODES):
-            raise ValueError(f"--stop-on: unknown {sorted(set(self.stop_on) - set(CODES))}; known: {', '.join(CODES)}")
+        check_stop_on(self.stop_on)  # at parse time, before any model is loaded
         if not self.model or not self.train:
             raise ValueError("--model and --train are required")
         if self.batch_rows < 1 or self.grad_accum < 1:
