@@ -485,14 +485,28 @@ def main_guard(main: Callable[[], T]) -> T:
     Bad input is a ValueError or a missing file: the library's errors for configs, data and
     checkpoints all are, and each names the file, line or field. NANOPOST_DEBUG=1 shows the
     traceback instead.
+
+    Under torchrun the message names the rank, and any error is also recorded for torchrun's
+    end-of-job summary (which then shows the failing rank's traceback, not only its exit code).
     """
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if rank is not None:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        main = record(main)
     try:
         return main()
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("NANOPOST_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{'' if rank is None else f' (rank {rank})'}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        if rank is not None:
+            import torch.distributed
+
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

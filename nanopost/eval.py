@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .distributed import Dist, shard
 from .generate import generate
 from .rewards import accuracy_reward
 from .tokenizer import Tokenizer
@@ -76,16 +77,34 @@ def evaluate(
     check: Checker = default_check,
     batch_size: int = 64,
     seed: int = 0,
+    dist: Dist = Dist(),
 ) -> dict:
     """Greedy accuracy (with a 95% Wilson interval) and, if k > 0, avg@k at `temperature`.
 
     Returns a flat dict of floats (for metrics rows) plus "per_difficulty": {level: accuracy}.
+    Under torchrun each rank generates for its share of the items and all ranks get the result.
     """
     was_training = model.training
     model.eval()
+    all_items = items
+    items = [items[i] for i in shard(len(items), dist)]
     prompts = [it.prompt_ids for it in items]
     greedy = completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     scores = [check(c, it) for c, it in zip(greedy, items)]
+    sampled_scores: list[float] = []
+    if k > 0:
+        # Each rank its own stream; rank 0's is the single-process one.
+        g = torch.Generator(device=model.device).manual_seed(seed + 1_000_003 * dist.rank)
+        sampled = completions(model, tokenizer, [p for p in prompts for _ in range(k)],
+                              max_new_tokens=max_new_tokens, temperature=temperature,
+                              batch_size=batch_size, generator=g)
+        sampled_scores = [check(c, items[i // k]) for i, c in enumerate(sampled)]
+    if dist.active:
+        parts = dist.gather((scores, sampled_scores, greedy[:1]))
+        scores = [s for p in parts for s in p[0]]
+        sampled_scores = [s for p in parts for s in p[1]]
+        greedy = [c for p in parts for c in p[2]]
+    items = all_items
     n = len(items)
     lo, hi = wilson_interval(sum(scores), n)
     result: dict = {"accuracy": sum(scores) / max(n, 1), "accuracy_lo": lo, "accuracy_hi": hi, "n": n}
@@ -94,11 +113,7 @@ def evaluate(
         by_level[it.difficulty].append(s)
     result["per_difficulty"] = {lvl: sum(v) / len(v) for lvl, v in sorted(by_level.items(), key=lambda kv: str(kv[0]))}
     if k > 0:
-        g = torch.Generator(device=model.device).manual_seed(seed)
-        sampled = completions(model, tokenizer, [p for p in prompts for _ in range(k)],
-                              max_new_tokens=max_new_tokens, temperature=temperature,
-                              batch_size=batch_size, generator=g)
-        s = [check(c, items[i // k]) for i, c in enumerate(sampled)]
+        s = sampled_scores
         result[f"avg@{k}"] = sum(s) / max(len(s), 1)
         per_prompt = [sum(s[i * k : (i + 1) * k]) / k for i in range(n)]
         result[f"pass@{k}"] = sum(p > 0 for p in per_prompt) / max(n, 1)

@@ -87,10 +87,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class MetricsLogger:
-    """Appends rows to run_dir/metrics.jsonl, one flushed line each."""
+    """Appends rows to run_dir/metrics.jsonl, one flushed line each.
 
-    def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None):
+    write=False (every rank but 0 in multi-process training) only formats the rows it is given.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None, write: bool = True):
         self.path = Path(run_dir) / METRICS_FILE
+        self.write = write
+        if not write:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self.truncate_after(resume_step)
@@ -109,6 +115,8 @@ class MetricsLogger:
         out = {k: _plain(v, k) for k, v in row.items()}
         out.setdefault("time", round(time.time(), 3))
         line = json.dumps(out, allow_nan=False) + "\n"
+        if not self.write:
+            return out
         with open(self.path, "a") as f:  # closing flushes: every row is on disk as it happens
             f.write(line)
         return out

@@ -415,6 +415,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        logits_slice: slice | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T].
 
@@ -422,11 +423,13 @@ class Transformer(nn.Module):
         attention_mask : [B, T] 1 for real tokens, 0 for padding; padding is never attended.
         segment_ids    : [B, T] packed documents; tokens attend only within their own segment.
         cache          : KVCache to read and extend (decoding).
+        logits_slice   : positions to compute logits for (default all); the LM head is a large
+                         share of a small model's FLOPs, so scoring a completion skips the prompt.
         """
         h = self.hidden_states(
             input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
         )
-        return self.lm_head(h)
+        return self.lm_head(h if logits_slice is None else h[:, logits_slice])
 
     def num_params(self, with_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

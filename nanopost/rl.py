@@ -26,6 +26,13 @@ Choices, and where this loop departs from the textbook (DeepSeekMath) GRPO:
     length penalty over the last `overlong_buffer` tokens before max_new_tokens.
  7. The temperature follows a schedule (constant, linear, cosine or per-stage), used both for
     sampling and for the loss logprobs, and logged each step.
+
+Under torchrun (nanopost.distributed) every rank draws the same prompts, generates and scores
+the completions of its own block of groups, then all ranks gather every rollout: rewards,
+advantages (batch scaling included), dynamic-sampling decisions and curriculum statistics are
+computed over the global batch, identically everywhere. The update shards each mini-batch's rows
+across ranks; losses divide by the global token / sequence counts, so N processes make the update
+one process makes on the same rollouts.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Callable, Literal
 
 import torch
 
+from . import distributed
 from .checkpoint import load_model, load_tokenizer, save_model
 from .config import save_config
 from .curriculum import PromptSampler, UniformSampler
@@ -54,7 +62,7 @@ from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from .runtime import autocast, make_optimizer, pick_device, seed_everything
+from .runtime import autocast, make_optimizer, seed_everything
 from .schedules import lr_at, set_lr, temperature_at
 from .tokenizer import Tokenizer
 
@@ -240,6 +248,23 @@ def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prom
                     seconds={"generate": t1 - t0, "score": time.perf_counter() - t1})
 
 
+def collect_global(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prompt_ids: list[list[int]],
+                   scorer: RewardScorer, cfg: GRPOConfig, temperature: float, generator: torch.Generator,
+                   dist: distributed.Dist) -> Rollouts:
+    """`collect` on this rank's block of prompts, then every rank's rollouts in prompt order."""
+    mine = distributed.shard(len(records), dist)
+    local = None
+    if len(mine):
+        local = collect(policy, tokenizer, records[mine.start : mine.stop], prompt_ids[mine.start : mine.stop],
+                        scorer, cfg, temperature, generator)
+    if not dist.active:
+        return local
+    parts = [p for p in dist.gather(local) if p is not None]
+    out = Rollouts.concat(parts)
+    out.seconds = {k: max(p.seconds[k] for p in parts) for k in out.seconds}  # ranks run side by side
+    return out
+
+
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> list[bool]:
     groups = rewards.view(-1, group_size)
     return (groups.max(dim=1).values == groups.min(dim=1).values).tolist()
@@ -260,8 +285,8 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torc
     P, T = prompt_ids.shape[1], tokens.shape[1]
     ids = torch.cat([prompt_ids, tokens], dim=1)
     attention = torch.cat([prompt_mask, mask.long()], dim=1)
-    hidden = model.hidden_states(ids, attention_mask=attention)
-    logits = model.lm_head(hidden[:, P - 1 : P + T - 1])  # [N, T, V]
+    # Through forward(), not its parts: a DDP wrapper only synchronises what goes through forward.
+    logits = model(ids, attention_mask=attention, logits_slice=slice(P - 1, P + T - 1))  # [N, T, V]
     logp = token_logprobs(logits, tokens, temperature)
     entropy = None
     if want_entropy:
@@ -271,58 +296,87 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torc
 
 
 def update_policy(policy: Transformer, reference: Transformer | None, optimizer, batch: Rollouts,
-                  advantages: torch.Tensor, cfg: GRPOConfig, temperature: float, device) -> dict[str, float]:
-    """mu passes of mini-batch optimizer steps over the rollouts; returns averaged statistics."""
+                  advantages: torch.Tensor, cfg: GRPOConfig, temperature: float, device, *,
+                  dist: distributed.Dist = distributed.Dist(), wrapped: torch.nn.Module | None = None
+                  ) -> dict[str, float]:
+    """mu passes of mini-batch optimizer steps over the rollouts; returns averaged statistics.
+
+    Every rank holds the whole batch and trains on its block of each mini-batch through `wrapped`
+    (the DDP wrapper; `policy` alone in one process). The loss normalisers count the whole
+    mini-batch, so the all-reduced gradient is the single-process one.
+    """
+    wrapped = policy if wrapped is None else wrapped
     loss_mask = batch.mask.clone()
     if cfg.overlong_filter:
         loss_mask[~batch.finished] = 0.0
     N = len(batch.prompts)
-    ref_logp = None
-    t_ref = time.perf_counter()
-    if reference is not None:
-        chunks = []
-        for r in range(0, N, _micro(cfg, N)):
-            rows = slice(r, r + _micro(cfg, N))
+    ref_rows: dict[int, torch.Tensor] = {}  # reference logprobs by row, computed once each
+    t_ref = 0.0
+
+    def reference_logprobs(rows: list[int]) -> torch.Tensor:
+        nonlocal t_ref
+        t0 = time.perf_counter()
+        todo = [i for i in rows if i not in ref_rows]
+        if todo:
             with torch.no_grad(), autocast(device, cfg.precision):
-                chunks.append(sequence_logprobs(reference, batch.prompts[rows], batch.tokens[rows].to(device),
-                                                batch.mask[rows].to(device), temperature)[0].float())
-        ref_logp = torch.cat(chunks)
-    t_ref = time.perf_counter() - t_ref
-    stats: dict[str, list[float]] = defaultdict(list)
+                logp = sequence_logprobs(reference, [batch.prompts[i] for i in todo], batch.tokens[todo].to(device),
+                                         batch.mask[todo].to(device), temperature)[0].float()
+            ref_rows.update(zip(todo, logp))
+        t_ref += time.perf_counter() - t0
+        return torch.stack([ref_rows[i] for i in rows])
+
+    sums: dict[str, float] = defaultdict(float)
+    grad_norms = []
     n_steps = 0
     for _ in range(cfg.mu):
-        # Fresh mini-batches each pass (the global RNG is part of the checkpoint, so resume is exact).
-        order = torch.randperm(N).tolist() if cfg.minibatches > 1 else list(range(N))
+        # Fresh mini-batches each pass (the global RNG is part of the checkpoint, so resume is exact);
+        # rank 0's order for every rank, so all shard the same mini-batches.
+        order = dist.broadcast(torch.randperm(N).tolist()) if cfg.minibatches > 1 else list(range(N))
         for mb in _split(order, cfg.minibatches):
             n_steps += 1
-            rows = torch.tensor(mb, dtype=torch.long)
-            n_tokens = loss_mask[rows].sum()
-            for start in range(0, len(mb), _micro(cfg, len(mb))):
-                r = rows[start : start + _micro(cfg, len(mb))]
-                with autocast(device, cfg.precision):
-                    logp, entropy = sequence_logprobs(policy, [batch.prompts[i] for i in r], batch.tokens[r].to(device),
-                                                      batch.mask[r].to(device), temperature, want_entropy=True)
-                loss, s = policy_loss(
-                    logp.float(), batch.old_logprobs[r].to(device), advantages[r].to(device), loss_mask[r].to(device),
-                    ref_logp=None if ref_logp is None else ref_logp[r], beta=cfg.beta, kl=cfg.kl,
-                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                    importance=cfg.importance, agg=cfg.agg, max_len=cfg.max_new_tokens,
-                    num_tokens=n_tokens if cfg.agg == "token-mean" else None,
-                    num_seqs=len(mb) if cfg.agg != "token-mean" else None)
-                loss.backward()
-                weight = len(r) / len(mb)
-                stats["loss"].append(loss.item())
-                stats["entropy"].append((entropy * batch.mask[r].to(device)).sum().item() / max(batch.mask[r].sum().item(), 1))
+            n_tokens = loss_mask[mb].sum()
+            mine = [mb[i] for i in distributed.shard(len(mb), dist)]
+            # The same number of micro-batches on every rank (each backward is a collective);
+            # a rank with no rows left runs a zero-weighted one.
+            size = _micro(cfg, math.ceil(len(mb) / dist.world))
+            n_micro = math.ceil(math.ceil(len(mb) / dist.world) / size)
+            for m in range(n_micro):
+                rows = mine[m * size : (m + 1) * size]
+                real = bool(rows)
+                rows = rows or mb[:1]
+                r = torch.tensor(rows, dtype=torch.long)
+                ref_logp = reference_logprobs(rows) if reference is not None else None
+                with distributed.sync_gradients(wrapped, m == n_micro - 1):
+                    with autocast(device, cfg.precision):
+                        logp, entropy = sequence_logprobs(wrapped, [batch.prompts[i] for i in rows],
+                                                          batch.tokens[r].to(device), batch.mask[r].to(device),
+                                                          temperature, want_entropy=True)
+                    loss, s = policy_loss(
+                        logp.float(), batch.old_logprobs[r].to(device), advantages[r].to(device),
+                        loss_mask[r].to(device), ref_logp=ref_logp, beta=cfg.beta, kl=cfg.kl,
+                        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                        importance=cfg.importance, agg=cfg.agg, max_len=cfg.max_new_tokens,
+                        num_tokens=n_tokens if cfg.agg == "token-mean" else None,
+                        num_seqs=len(mb) if cfg.agg != "token-mean" else None)
+                    # DDP averages gradients over ranks; the global normalisers want their sum.
+                    (loss * (dist.world if real else 0.0)).backward()
+                # Zero-weighted stand-ins add zeros, so every rank sums the same keys.
+                w = 1.0 if real else 0.0
+                sums["loss"] += w * loss.item()  # micro-batch losses of one step add up to the step's loss
+                mask = batch.mask[r].to(device)
+                sums["entropy_sum"] += w * (entropy * mask).sum().item()
+                sums["entropy_tokens"] += w * mask.sum().item()
                 for k, v in s.items():
-                    stats[k].append(float(v) * weight)
-            stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).item())
+                    sums[k] += w * float(v) * len(rows) / len(mb)
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    out = {k: sum(v) / n_steps for k, v in stats.items() if k not in ("loss", "grad_norm", "entropy")}
-    out["loss"] = sum(stats["loss"]) / n_steps  # micro-batch losses of one step add up to the step's loss
-    out["grad_norm"] = sum(stats["grad_norm"]) / len(stats["grad_norm"])
-    out["entropy"] = sum(stats["entropy"]) / len(stats["entropy"])
-    out["time_reference"] = t_ref
+    keys = sorted(sums)
+    total = dict(zip(keys, dist.all_sum([sums[k] for k in keys])))
+    out = {k: v / n_steps for k, v in total.items() if not k.startswith("entropy_")}
+    out["entropy"] = total["entropy_sum"] / max(total["entropy_tokens"], 1.0)
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["time_reference"] = max(dist.gather(t_ref))
     return out
 
 
@@ -341,13 +395,20 @@ def _split(order: list[int], parts: int) -> list[list[int]]:
 
 def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=print,
                extra_rewards: dict[str, Callable] | None = None, check: Callable | None = None) -> dict:
-    """Run GRPO as configured; returns the last eval row merged with the last train row."""
-    device = pick_device(cfg.device)
+    """Run GRPO as configured; returns the last eval row merged with the last train row.
+
+    Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
+    """
+    dist = distributed.setup(cfg.device)
+    device = dist.device
+    log = dist.main_only(log)
     seed_everything(cfg.seed)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run)
-    resume_from = latest_checkpoint(run) if cfg.resume else None
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run)
+    # Rank 0 looks (finding a checkpoint may repair an interrupted save); the others follow.
+    resume_from = dist.broadcast(latest_checkpoint(run) if cfg.resume and dist.main else None)
 
     tokenizer = load_tokenizer(cfg.model)
     policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
@@ -369,30 +430,40 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                                r.get("difficulty"), r) for r in load_rl(cfg.val)[: cfg.eval_samples]]
 
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, cfg.betas)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Each rank samples its own completions; rank 0's stream is the single-process one.
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
     step = 0
     if resume_from is not None:
-        extra = load_checkpoint(resume_from, model=policy, optimizer=optimizer, device=device,
-                                generators={"sample": generator})
+        extra = load_checkpoint(resume_from, model=policy, optimizer=optimizer, device=device)
         step = extra["step"]
         sampler.load_state_dict(extra["sampler"])
+        streams = extra.get("sample_rng", [])
+        if dist.rank < len(streams):
+            generator.set_state(streams[dist.rank])
+        if len(streams) != dist.world:
+            log(f"{resume_from} was saved by {len(streams)} process(es), this run has {dist.world}: sampling "
+                "streams without a saved state start afresh, so the run continues but not bit for bit")
         if reference is not None and (resume_from / "reference").is_dir():
             reference.load_state_dict(load_model(resume_from / "reference", device=device).state_dict())
         log(f"resumed from {resume_from} at step {step}")
-    metrics = MetricsLogger(run, resume_step=step)
+    wrapped = distributed.wrap(policy, dist)
+    metrics = MetricsLogger(run, resume_step=step, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
-    monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step else ())
+    monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
     ref_reset_at = step
 
     def save(name: str) -> None:
+        streams = dist.gather(generator.get_state())  # a collective: every rank takes part
+        if not dist.main:
+            return
         save_checkpoint(checkpoint_path(run, name), model=policy, tokenizer=tokenizer, optimizer=optimizer,
-                        extra={"step": step, "sampler": sampler.state_dict()}, generators={"sample": generator})
+                        extra={"step": step, "sampler": sampler.state_dict(), "sample_rng": streams})
         if reference is not None and cfg.ref_reset_every:
             save_model(reference, checkpoint_path(run, name) / "reference")
 
     def run_eval() -> dict:
         res = evaluate(policy, tokenizer, eval_items, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_k,
-                       temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed)
+                       temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed, dist=dist)
         row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
         row.update({f"accuracy_level_{k}": v for k, v in res["per_difficulty"].items()})
         monitor.observe(metrics.log(row))
@@ -425,7 +496,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         for _ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling == "refill" else 0)):
             recs = sampler.sample(want, step)
             prompt_ids = [tokenize_prompt(tokenizer, template.messages(r["prompt"])) for r in recs]
-            ro = collect(policy, tokenizer, recs, prompt_ids, scorer, step_cfg, temperature, generator)
+            ro = collect_global(policy, tokenizer, recs, prompt_ids, scorer, step_cfg, temperature, generator, dist)
             sampler.update(recs, _pass_rates(ro, G), step)
             zero = zero_variance_groups(ro.rewards, G)
             n_zero += sum(zero)
@@ -445,7 +516,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         if kept:
             batch = Rollouts.concat(kept)
             adv = group_advantages(batch.rewards, G, scale=cfg.adv_scale)
-            update_stats = update_policy(policy, reference, optimizer, batch, adv, step_cfg, temperature, device)
+            update_stats = update_policy(policy, reference, optimizer, batch, adv, step_cfg, temperature, device,
+                                         dist=dist, wrapped=wrapped)
         t_update = time.perf_counter() - tu
         step += 1
         if reference is not None and cfg.ref_reset_every and step - ref_reset_at >= cfg.ref_reset_every:
@@ -468,10 +540,12 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                 zero_std=row["zero_std_frac"], tok_per_s=row["tok_per_s"]))
         if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             last_eval = run_eval()
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or monitor.should_stop:
+        should_stop = dist.broadcast(monitor.should_stop)  # rank 0 watches; every rank stops together
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or should_stop:
             save("last")
-        if monitor.should_stop:
-            log(f"stopping at step {step}: {monitor.stop_reason.code} is in --stop-on")
+        if should_stop:
+            if dist.main:
+                log(f"stopping at step {step}: {monitor.stop_reason.code} is in --stop-on")
             break
     return {**row, **last_eval}
 

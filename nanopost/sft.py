@@ -11,6 +11,12 @@ gradient accumulation gives the same gradient as one big batch however lengths a
 
 Runs resume exactly: the data order is a function of (seed, epoch), the lr a function of the
 step, and the checkpoint holds weights, optimizer state, RNG states and the data position.
+
+Under torchrun (nanopost.distributed) a step draws grad_accum micro-batches per process from
+the same global order, rank r taking every world-th one; the token count is summed over ranks,
+so N processes make the update one process makes with grad_accum * N micro-batches. The data
+position counts global micro-batches, so a run may resume on a different number of processes
+(it continues the same run when batch_rows * grad_accum * processes is unchanged).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model, load_tokenizer
 from .config import save_config
+from . import distributed
 from .data import (Batch, Example, fit_examples, load_sft, load_text, pack_examples, tokenize_chat,
                    tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
@@ -34,7 +41,7 @@ from .monitor import LiveMonitor, check_stop_on
 from .model import Transformer
 from .rewards import extract_answer
 from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from .runtime import autocast, make_optimizer, pick_device, seed_everything
+from .runtime import autocast, make_optimizer, seed_everything
 from .schedules import lr_at, set_lr
 from .tokenizer import Tokenizer
 
@@ -89,33 +96,38 @@ def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
-def accumulate_gradients(model: Transformer, micro: list[Batch], device, precision: str = "auto") -> tuple[float, int]:
+def accumulate_gradients(model, micro: list[Batch], device, precision: str = "auto",
+                         dist: distributed.Dist = distributed.Dist()) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; returns (step loss, loss tokens).
 
-    Every micro-batch is divided by the token count of the whole step, so the accumulated
-    gradient is that of the token-mean loss over the step, whatever the split.
+    Every micro-batch is divided by the token count of the whole step (over all ranks), so the
+    accumulated gradient is that of the token-mean loss over the step, whatever the split.
+    `model` may be the DDP wrapper: gradients are then all-reduced once, after the last backward.
     """
-    n_tokens = sum(b.num_loss_tokens for b in micro)
+    n_tokens = int(dist.all_sum([sum(b.num_loss_tokens for b in micro)])[0])
     step_loss = 0.0
-    for b in micro:
-        with autocast(device, precision):
+    for i, b in enumerate(micro):
+        with distributed.sync_gradients(model, i == len(micro) - 1), autocast(device, precision):
             loss = loss_sum(model, b.to(device)) / max(n_tokens, 1)
-        loss.backward()
+        (loss * dist.world).backward()  # DDP averages over ranks; the global normaliser wants a sum
         step_loss += loss.item()
-    return step_loss, n_tokens
+    return dist.all_sum([step_loss])[0], n_tokens
 
 
 @torch.no_grad()
-def held_out_loss(model: Transformer, batches: list[Batch], device, precision: str) -> float:
+def held_out_loss(model: Transformer, batches: list[Batch], device, precision: str,
+                  dist: distributed.Dist = distributed.Dist()) -> float:
+    """Token-mean loss over `batches`; under torchrun each rank takes its share and the sums meet."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
-    for b in batches:
-        b = b.to(device)
+    for i in distributed.shard(len(batches), dist):
+        b = batches[i].to(device)
         with autocast(device, precision):
             total += loss_sum(model, b).item()
         n += b.num_loss_tokens
     model.train(was_training)
+    total, n = dist.all_sum([total, n])
     return total / max(n, 1)
 
 
@@ -148,13 +160,20 @@ def prepare(tokenizer: Tokenizer, path: str, cfg: SFTConfig, log) -> tuple[list[
 
 
 def train_sft(cfg: SFTConfig, log=print) -> dict:
-    """Run SFT as configured; returns the final metrics. Writes everything under cfg.out."""
-    device = pick_device(cfg.device)
+    """Run SFT as configured; returns the final metrics. Writes everything under cfg.out.
+
+    Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
+    """
+    dist = distributed.setup(cfg.device)
+    device = dist.device
+    log = dist.main_only(log)
     seed_everything(cfg.seed)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run)
-    resume_from = latest_checkpoint(run) if cfg.resume else None
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run)
+    # Rank 0 looks (finding a checkpoint may repair an interrupted save); the others follow.
+    resume_from = dist.broadcast(latest_checkpoint(run) if cfg.resume and dist.main else None)
     if cfg.resume and resume_from is None:
         log(f"{run}: no checkpoint to resume from; starting fresh")
 
@@ -174,30 +193,33 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
 
     batches = epoch_batches(0)
     per_epoch = len(batches)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / per_step))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
 
-    step, consumed, best = 0, 0, math.inf  # consumed: micro-batches drawn, i.e. the data position
+    step, consumed, best = 0, 0, math.inf  # consumed: global micro-batches drawn, i.e. the data position
     if resume_from is not None:
         extra = load_checkpoint(resume_from, model=model, optimizer=optimizer, device=device)
         step, consumed, best = extra["step"], extra["consumed"], extra["best_val_loss"]
         log(f"resumed from {resume_from} at step {step}")
-    metrics = MetricsLogger(run, resume_step=step)
+    trained = distributed.wrap(model, dist)
+    metrics = MetricsLogger(run, resume_step=step, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
-    monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step else ())
+    monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
 
     def checkpoint(name: str, extra_metrics: dict | None = None) -> None:
-        save_checkpoint(checkpoint_path(run, name), model=model, tokenizer=tokenizer, optimizer=optimizer,
-                        extra={"step": step, "consumed": consumed, "best_val_loss": best,
-                               "metrics": extra_metrics or {}})
+        if dist.main:
+            save_checkpoint(checkpoint_path(run, name), model=model, tokenizer=tokenizer, optimizer=optimizer,
+                            extra={"step": step, "consumed": consumed, "best_val_loss": best,
+                                   "metrics": extra_metrics or {}})
 
     def run_eval() -> dict:
         nonlocal best
         row: dict = {"kind": "eval", "step": step}
         if val_batches:
-            row["val_loss"] = held_out_loss(model, val_batches, device, cfg.precision)
+            row["val_loss"] = held_out_loss(model, val_batches, device, cfg.precision, dist)
         if acc_items:
-            res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens)
+            res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens, dist=dist)
             row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
         monitor.observe(metrics.log(row))
         if "val_loss" in row and row["val_loss"] < best:
@@ -217,18 +239,19 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
                    kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
         micro = []
-        for _ in range(cfg.grad_accum):
-            epoch, index = divmod(consumed, per_epoch)
+        for j in range(per_step):
+            epoch, index = divmod(consumed + j, per_epoch)
             if epoch != epoch_of_batches:
                 batches, epoch_of_batches = epoch_batches(epoch), epoch
-            micro.append(batches[index])
-            consumed += 1
-        step_loss, n_tokens = accumulate_gradients(model, micro, device, cfg.precision)
+            if j % dist.world == dist.rank:
+                micro.append(batches[index])
+        consumed += per_step
+        step_loss, n_tokens = accumulate_gradients(trained, micro, device, cfg.precision, dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_since += sum(int(b.input_ids.numel()) for b in micro)
+        tokens_since += sum(int(b.input_ids.numel()) for b in micro) * dist.world
 
         row = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                "loss_tokens": n_tokens}
@@ -242,10 +265,13 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
             if cfg.val:
                 last_eval = run_eval()
         eval_due = cfg.eval_every and step % cfg.eval_every == 0
-        if monitor.should_stop and step < total_steps:
-            log(f"stopping at step {step}: {monitor.stop_reason.code} is in --stop-on")
+        # Only rank 0 watches the monitor and the clock; every rank must stop at the same step.
+        out_of_time = bool(cfg.max_seconds and time.perf_counter() - started >= cfg.max_seconds)
+        should_stop, out_of_time = dist.broadcast((monitor.should_stop, out_of_time))
+        if should_stop and step < total_steps:
+            if dist.main:
+                log(f"stopping at step {step}: {monitor.stop_reason.code} is in --stop-on")
             total_steps = step
-        out_of_time = cfg.max_seconds and time.perf_counter() - started >= cfg.max_seconds
         if out_of_time and step < total_steps:
             log(f"time budget of {cfg.max_seconds:.0f}s reached at step {step}")
             if cfg.val and not eval_due:

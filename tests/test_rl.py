@@ -77,9 +77,9 @@ def test_dynamic_sampling_keeps_all_equal_groups_out_of_the_loss(task, tmp_path,
     seen = []
     real_update = rl.update_policy
 
-    def spy(policy, reference, optimizer, batch, advantages, cfg, temperature, device):
+    def spy(policy, reference, optimizer, batch, advantages, cfg, temperature, device, **kw):
         seen.append(batch.rewards.view(-1, cfg.group_size))
-        return real_update(policy, reference, optimizer, batch, advantages, cfg, temperature, device)
+        return real_update(policy, reference, optimizer, batch, advantages, cfg, temperature, device, **kw)
 
     monkeypatch.setattr(rl, "update_policy", spy)
     train_grpo(config(task, tmp_path, steps=6, rewards={"has_seven": 1.0}, max_new_tokens=4,

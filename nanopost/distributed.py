@@ -1,0 +1,158 @@
+"""Data parallelism under torchrun: one process per device, PyTorch's own distributed stack.
+
+    torchrun --nproc_per_node 2 scripts/sft.py ...        # 2 processes on this machine
+    torchrun --nnodes 2 --node_rank R --rdzv-endpoint HOST:29500 --nproc_per_node 8 scripts/grpo.py ...
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `setup` joins the process group (NCCL when the
+process has a GPU, gloo on the CPU). Run without torchrun, everything here is a single process
+and every collective is a no-op, so the training loops have one code path.
+
+The contract the loops keep: N processes compute the update that one process would compute on
+the same global batch. Losses are normalised by global counts (tokens or sequences of the whole
+step, over all ranks); DDP then averages gradients over ranks, so each rank's loss is multiplied
+by the world size to turn that average back into the sum the global normaliser expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .runtime import pick_device
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: its rank among `world` processes and its device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone logs, writes metrics and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def main_only(self, log: Callable[..., None]) -> Callable[..., None]:
+        """`log` on rank 0, a no-op elsewhere: one progress line per job, not one per process."""
+        return log if self.main else _quiet
+
+    # -- collectives (no-ops in a single process) ---------------------------------------------
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum of a list of numbers over all ranks (one collective for the list)."""
+        if not self.active:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank (pickled: small Python objects only)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank: for decisions only rank 0 can make (time, monitor)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    pass
+
+
+def setup(device: str = "auto") -> Dist:
+    """Join the torchrun process group if there is one; otherwise a single process on `device`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=pick_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = pick_device(device)
+    if chosen.type == "cuda":
+        if torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+            raise ValueError(f"{os.environ.get('LOCAL_WORLD_SIZE', world)} processes on this node but only "
+                             f"{torch.cuda.device_count()} GPU(s); lower --nproc_per_node or use --device cpu")
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        # A rank that dies leaves the others waiting in a collective; torchrun notices the exit
+        # and stops them, the timeout is only the last resort when a peer hangs without exiting.
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=int(os.environ.get("NANOPOST_DIST_TIMEOUT_MIN", "30"))))
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=chosen)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n: int, d: Dist, rank: int | None = None) -> range:
+    """The contiguous block of range(n) that `rank` (default: this one) owns; sizes differ by <= 1."""
+    r = d.rank if rank is None else rank
+    base, extra = divmod(n, d.world)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (1 if r < extra else 0))
+
+
+def wrap(model: nn.Module, d: Dist, fsdp: bool = False) -> nn.Module:
+    """The module to train: DDP (or FSDP2 with fsdp=True) across ranks, the model itself alone.
+
+    Call the wrapper for forward passes that need gradients; use `model` itself for sampling
+    and evaluation, which must not synchronise anything.
+    """
+    if not d.active:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # One unit per block: its weights are gathered just before its forward and freed after.
+        for block in model.model.layers:
+            fully_shard(block)
+        return fully_shard(model)
+    # RoPE tables are the only buffers and are computed identically everywhere: no per-forward
+    # broadcast (the flag was renamed in torch 2.13).
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
+    return ddp(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **no_sync)
+
+
+def sync_gradients(wrapped: nn.Module, enabled: bool):
+    """Context for one backward: no gradient all-reduce unless `enabled` (the last micro-batch)."""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel) and not enabled:
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
