@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .model import Transformer
 from .runtime import pick_device
+
+try:  # FSDP2 is public from torch 2.6
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+except ImportError:  # pragma: no cover
+    FSDPModule = fully_shard = None
 
 T = TypeVar("T")
 
@@ -135,8 +141,8 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool = False) -> nn.Module:
     if not d.active:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
+        if fully_shard is None:
+            raise ValueError(f"--fsdp needs torch >= 2.6 (this is {torch.__version__})")
         # One unit per block: its weights are gathered just before its forward and freed after.
         for block in model.model.layers:
             fully_shard(block)
@@ -147,6 +153,64 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool = False) -> nn.Module:
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                else {"broadcast_buffers": False})
     return ddp(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **no_sync)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Whole weights on every rank for sampling and evaluation (FSDP2; a no-op otherwise).
+
+    A sharded forward all-gathers its weights, a collective every rank must join, but ranks
+    generate different numbers of tokens. Gathering everything once up front (weights only, not
+    optimizer state) leaves forwards that need no other rank.
+    """
+    units = [m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on every rank (a collective under FSDP2)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist):
+    """(model, optimizer or its state) whole on rank 0 for writing a checkpoint; None elsewhere.
+
+    Under FSDP2 the shards are gathered onto rank 0's CPU (every rank must call this); the
+    returned model is a CPU copy built without initialising weights.
+    """
+    if not is_sharded(model):
+        return (model, optimizer) if d.main else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if not d.main:
+        return None
+    with torch.device("meta"):
+        whole = Transformer(model.config)
+    whole.load_state_dict(weights, assign=True)
+    return whole, optim
 
 
 def sync_gradients(wrapped: nn.Module, enabled: bool):

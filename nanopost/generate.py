@@ -118,8 +118,7 @@ def generate(
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    hidden = model.hidden_states(ids, attention_mask=mask, cache=cache)
-    logits = model.lm_head(hidden[:, -1])  # [B, V]
+    logits = model(ids, attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]  # [B, V]
     positions = mask.sum(-1, keepdim=True)  # [B, 1] next position of each row
     rows = torch.arange(B, device=device)  # original index of each row still in the batch
     alive = torch.ones(B, dtype=torch.bool, device=device)

@@ -61,7 +61,7 @@ from .monitor import LiveMonitor, check_stop_on
 from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
-from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from .runtime import autocast, make_optimizer, seed_everything
 from .schedules import lr_at, set_lr, temperature_at
 from .tokenizer import Tokenizer
@@ -135,6 +135,8 @@ class GRPOConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun: shard weights, gradients and optimizer state over ranks (FSDP2) instead of DDP"})
     stop_on: list[str] = field(default_factory=list, metadata={
         "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
     resume: bool = False
@@ -254,9 +256,10 @@ def collect_global(policy: Transformer, tokenizer: Tokenizer, records: list[dict
     """`collect` on this rank's block of prompts, then every rank's rollouts in prompt order."""
     mine = distributed.shard(len(records), dist)
     local = None
-    if len(mine):
-        local = collect(policy, tokenizer, records[mine.start : mine.stop], prompt_ids[mine.start : mine.stop],
-                        scorer, cfg, temperature, generator)
+    with distributed.gathered(policy):
+        if len(mine):
+            local = collect(policy, tokenizer, records[mine.start : mine.stop], prompt_ids[mine.start : mine.stop],
+                            scorer, cfg, temperature, generator)
     if not dist.active:
         return local
     parts = [p for p in dist.gather(local) if p is not None]
@@ -429,12 +432,11 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         eval_items = [EvalItem(tokenize_prompt(tokenizer, template.messages(r["prompt"])), r["answer"],
                                r.get("difficulty"), r) for r in load_rl(cfg.val)[: cfg.eval_samples]]
 
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, cfg.betas)
     # Each rank samples its own completions; rank 0's stream is the single-process one.
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
     step = 0
-    if resume_from is not None:
-        extra = load_checkpoint(resume_from, model=policy, optimizer=optimizer, device=device)
+    if resume_from is not None:  # weights before sharding, the optimizer once it exists
+        extra = load_checkpoint(resume_from, model=policy, device=device)
         step = extra["step"]
         sampler.load_state_dict(extra["sampler"])
         streams = extra.get("sample_rng", [])
@@ -445,25 +447,29 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                 "streams without a saved state start afresh, so the run continues but not bit for bit")
         if reference is not None and (resume_from / "reference").is_dir():
             reference.load_state_dict(load_model(resume_from / "reference", device=device).state_dict())
+    wrapped = distributed.wrap(policy, dist, fsdp=cfg.fsdp)
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, cfg.betas)
+    if resume_from is not None:
+        load_optimizer_state(resume_from, policy, optimizer)
         log(f"resumed from {resume_from} at step {step}")
-    wrapped = distributed.wrap(policy, dist)
     metrics = MetricsLogger(run, resume_step=step, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
     monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
-    ref_reset_at = step
 
     def save(name: str) -> None:
-        streams = dist.gather(generator.get_state())  # a collective: every rank takes part
+        streams = dist.gather(generator.get_state())  # collectives: every rank takes part
+        whole = distributed.full_state(policy, optimizer, dist)
         if not dist.main:
             return
-        save_checkpoint(checkpoint_path(run, name), model=policy, tokenizer=tokenizer, optimizer=optimizer,
+        save_checkpoint(checkpoint_path(run, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
                         extra={"step": step, "sampler": sampler.state_dict(), "sample_rng": streams})
         if reference is not None and cfg.ref_reset_every:
             save_model(reference, checkpoint_path(run, name) / "reference")
 
     def run_eval() -> dict:
-        res = evaluate(policy, tokenizer, eval_items, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_k,
-                       temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed, dist=dist)
+        with distributed.gathered(policy):
+            res = evaluate(policy, tokenizer, eval_items, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_k,
+                           temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed, dist=dist)
         row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
         row.update({f"accuracy_level_{k}": v for k, v in res["per_difficulty"].items()})
         monitor.observe(metrics.log(row))
@@ -520,9 +526,9 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                                          dist=dist, wrapped=wrapped)
         t_update = time.perf_counter() - tu
         step += 1
-        if reference is not None and cfg.ref_reset_every and step - ref_reset_at >= cfg.ref_reset_every:
-            reference.load_state_dict(policy.state_dict())
-            ref_reset_at = step
+        # A function of the step alone, so a resumed run resets at the same steps.
+        if reference is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0:
+            reference.load_state_dict(distributed.full_weights(policy))
 
         # 3. metrics
         n_groups = len(rollouts.records)

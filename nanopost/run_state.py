@@ -4,7 +4,7 @@ A checkpoint is a directory that is at once a Hugging Face model directory (conf
 safetensors weights, tokenizer files: `load_model` and transformers read it as is) and a record of
 the trainer, in `trainer_state/`:
 
-    trainer_state/state.pt     optimizer state, RNG states (torch CPU and CUDA, python `random`,
+    trainer_state/state.pt     optimizer state (whole, keyed by parameter name), RNG states (torch CPU and CUDA, python `random`,
                                numpy, any named torch.Generator) and `extra`: the loop's own state,
                                e.g. {"step": 120, "data_position": 3840, "sampler": {...}}
     trainer_state/state.json   a summary for people: step, when it was saved, metrics
@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 from .checkpoint import load_model, save_model, write_atomic
 from .model import Transformer
@@ -60,6 +62,7 @@ SUMMARY_FILE = "state.json"
 FORMAT = "nanopost.trainer_state"
 VERSION = 1
 LAST, BEST = "last", "best"
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class CheckpointError(ValueError):
@@ -206,12 +209,16 @@ def save_checkpoint(
     *,
     model: Transformer,
     tokenizer: Tokenizer | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
 ) -> None:
     """Write a complete checkpoint to `path`, replacing any checkpoint there only once it is whole.
+
+    `optimizer` is the optimizer of `model`, or its state already gathered from shards
+    (distributed.full_state); it is stored keyed by parameter name, whole, so it loads into
+    one process, DDP or FSDP2 alike.
 
     `extra` is the loop's own state (put the step in extra["step"]); `generators` are named
     torch.Generators whose states are saved with the global RNGs. dtype=None keeps the weights'.
@@ -226,10 +233,12 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
 
     extra = _check_loadable(dict(extra or {}), "extra")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = get_optimizer_state_dict(model, optimizer, options=_WHOLE)
     state = {
         "format": FORMAT,
         "version": VERSION,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer,
         "rng": capture_rng(generators),
         "extra": extra,
     }
@@ -307,14 +316,38 @@ def load_checkpoint(
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not fit the model: {e}") from None
     if optimizer is not None:
-        if state["optimizer"] is None:
-            raise CheckpointError(f"{path}: the checkpoint holds no optimizer state")
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: optimizer state does not fit the optimizer: {e}") from None
+        _load_optimizer(path, state, model, optimizer)
     restore_rng(state["rng"], generators)
     return state["extra"]
+
+
+def load_optimizer_state(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore only the optimizer of a checkpoint into `optimizer` over `model`'s parameters.
+
+    For sharded models (FSDP2), whose optimizer exists only once the model is sharded, after
+    `load_checkpoint` restored the weights into the unsharded model. Each rank keeps its shard.
+    """
+    path = Path(path)
+    _recover(path)
+    _load_optimizer(path, _read_state(path), model, optimizer)
+
+
+def _load_optimizer(path: Path, state: dict[str, Any], model, optimizer: torch.optim.Optimizer) -> None:
+    saved = state["optimizer"]
+    if saved is None:
+        raise CheckpointError(f"{path}: the checkpoint holds no optimizer state")
+    try:
+        params = [p for g in saved["param_groups"] for p in g["params"]]
+        if all(isinstance(p, int) for p in params):  # index-keyed: the plain torch format
+            optimizer.load_state_dict(saved)
+        elif model is None:
+            raise CheckpointError(f"{path}: the optimizer state is keyed by parameter name: pass the model")
+        else:
+            set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    except (ValueError, KeyError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: optimizer state does not fit the optimizer: {e}") from None
 
 
 def read_summary(path: str | os.PathLike) -> dict[str, Any]:

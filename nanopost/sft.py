@@ -40,7 +40,7 @@ from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import LiveMonitor, check_stop_on
 from .model import Transformer
 from .rewards import extract_answer
-from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from .runtime import autocast, make_optimizer, seed_everything
 from .schedules import lr_at, set_lr
 from .tokenizer import Tokenizer
@@ -77,6 +77,8 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun: shard weights, gradients and optimizer state over ranks (FSDP2) instead of DDP"})
     stop_on: list[str] = field(default_factory=list, metadata={
         "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
     resume: bool = field(default=False, metadata={"help": "continue from out/checkpoints/last"})
@@ -195,31 +197,36 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     per_epoch = len(batches)
     per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / per_step))
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
 
     step, consumed, best = 0, 0, math.inf  # consumed: global micro-batches drawn, i.e. the data position
-    if resume_from is not None:
-        extra = load_checkpoint(resume_from, model=model, optimizer=optimizer, device=device)
+    if resume_from is not None:  # weights before sharding, the optimizer once it exists
+        extra = load_checkpoint(resume_from, model=model, device=device)
         step, consumed, best = extra["step"], extra["consumed"], extra["best_val_loss"]
+    trained = distributed.wrap(model, dist, fsdp=cfg.fsdp)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    if resume_from is not None:
+        load_optimizer_state(resume_from, model, optimizer)
         log(f"resumed from {resume_from} at step {step}")
-    trained = distributed.wrap(model, dist)
     metrics = MetricsLogger(run, resume_step=step, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
     monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
 
     def checkpoint(name: str, extra_metrics: dict | None = None) -> None:
+        whole = distributed.full_state(model, optimizer, dist)  # a collective under FSDP2
         if dist.main:
-            save_checkpoint(checkpoint_path(run, name), model=model, tokenizer=tokenizer, optimizer=optimizer,
+            save_checkpoint(checkpoint_path(run, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
                             extra={"step": step, "consumed": consumed, "best_val_loss": best,
                                    "metrics": extra_metrics or {}})
 
     def run_eval() -> dict:
         nonlocal best
         row: dict = {"kind": "eval", "step": step}
-        if val_batches:
-            row["val_loss"] = held_out_loss(model, val_batches, device, cfg.precision, dist)
+        with distributed.gathered(model):
+            if val_batches:
+                row["val_loss"] = held_out_loss(model, val_batches, device, cfg.precision, dist)
+            if acc_items:
+                res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens, dist=dist)
         if acc_items:
-            res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens, dist=dist)
             row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
         monitor.observe(metrics.log(row))
         if "val_loss" in row and row["val_loss"] < best:

@@ -65,10 +65,14 @@ def one_update(cfg: rl.GRPOConfig, out: Path) -> None:
     adv = group_advantages(batch.rewards, cfg.group_size, scale=cfg.adv_scale)
     # SGD, so weights differ exactly as much as gradients do: Adam's first step is about
     # lr * sign(g), which turns rounding in near-zero gradients into whole lr-sized differences.
+    wrapped = distributed.wrap(policy, dist, fsdp=cfg.fsdp)
     optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.lr)
     stats = rl.update_policy(policy, reference, optimizer, batch, adv, cfg, cfg.temperature, dist.device,
-                             dist=dist, wrapped=distributed.wrap(policy, dist))
+                             dist=dist, wrapped=wrapped)
+    weights = distributed.full_weights(policy)
     if dist.main:
+        policy = load_model(cfg.model)
+        policy.load_state_dict(weights)
         save_model(policy, out)
         (out / "stats.json").write_text(json.dumps(stats))
 
