@@ -39,6 +39,7 @@ bench: $(VENV)/.bench
 	$(PY) scripts/bench_generate.py
 	$(PY) scripts/bench_sft.py
 	$(PY) scripts/bench_grpo.py
+	$(PY) scripts/bench_scaling.py
 
 clean:
 	rm -rf $(VENV) runs out
