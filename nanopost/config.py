@@ -506,6 +506,10 @@ def main_guard(main: Callable[[], T]) -> T:
             import torch.distributed
 
             if torch.distributed.is_initialized():
+                if sys.exc_info()[0] is None:
+                    # Tear down only once every rank is done communicating: a peer that closes
+                    # its connections early can abort one still finishing its last collective.
+                    torch.distributed.barrier()
                 torch.distributed.destroy_process_group()
 
 

@@ -1,7 +1,7 @@
 """One training job for the multi-process tests, run under torchrun (or plain python for 1 process).
 
     dist_worker.py sft CONFIG.json            train_sft(SFTConfig(**config))
-    dist_worker.py grpo CONFIG.json           train_grpo(GRPOConfig(**config)) with the toy 'sevens' reward
+    dist_worker.py grpo CONFIG.json           train_grpo(GRPOConfig(**config)), toy 'sevens' reward, learnability curriculum
     dist_worker.py update CONFIG.json OUT     one GRPO update (SGD) on fixed rollouts; rank 0 saves the weights to OUT
     ... --fail-rank R --fail-step K           rank R raises at its K-th optimizer step (a crash mid-run)
 """
@@ -22,6 +22,7 @@ import nanopost.sft as sft  # noqa: E402
 from nanopost import distributed  # noqa: E402
 from nanopost.checkpoint import load_model, load_tokenizer, save_model  # noqa: E402
 from nanopost.config import main_guard  # noqa: E402
+from nanopost.curriculum import CurriculumSampler  # noqa: E402
 from nanopost.data import load_rl, tokenize_prompt  # noqa: E402
 from nanopost.grpo import group_advantages  # noqa: E402
 from nanopost.prompts import PromptTemplate  # noqa: E402
@@ -92,7 +93,13 @@ def main() -> None:
     if args.mode == "sft":
         sft.train_sft(sft.SFTConfig(**config))
     elif args.mode == "grpo":
-        rl.train_grpo(rl.GRPOConfig(**config), extra_rewards={"sevens": sevens})
+        cfg = rl.GRPOConfig(**config)
+        # A learnability curriculum: its pass-rate statistics must stay the same on every rank.
+        sampler = CurriculumSampler(load_rl(cfg.train), total_steps=cfg.steps, mode="learnability", seed=cfg.seed)
+        rl.train_grpo(cfg, sampler=sampler, extra_rewards={"sevens": sevens})
+        states = distributed.setup().gather(json.dumps(sampler.state_dict(), sort_keys=True))
+        if len(set(states)) != 1:
+            raise RuntimeError("curriculum statistics differ between ranks")
     else:
         one_update(rl.GRPOConfig(**config), Path(args.out))
 
