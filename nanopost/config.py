@@ -503,14 +503,9 @@ def main_guard(main: Callable[[], T]) -> T:
         raise SystemExit(2) from None
     finally:
         if rank is not None:
-            import torch.distributed
+            from .distributed import shutdown
 
-            if torch.distributed.is_initialized():
-                if sys.exc_info()[0] is None:
-                    # Tear down only once every rank is done communicating: a peer that closes
-                    # its connections early can abort one still finishing its last collective.
-                    torch.distributed.barrier()
-                torch.distributed.destroy_process_group()
+            shutdown(clean=sys.exc_info()[0] is None)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -114,13 +114,17 @@ def setup(device: str = "auto") -> Dist:
     if not dist.is_initialized():
         # A rank that dies leaves the others waiting in a collective; torchrun notices the exit
         # and stops them, the timeout is only the last resort when a peer hangs without exiting.
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=int(os.environ.get("NANOPOST_DIST_TIMEOUT_MIN", "30"))))
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return Dist(rank=rank, world=world, local_rank=local_rank, device=chosen)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a normal end (clean) ranks first wait for each other: a
+    peer that closes its connections early can abort one still finishing its last collective.
+    After an error there is no waiting, since the other ranks may never arrive."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
