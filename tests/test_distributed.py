@@ -28,6 +28,8 @@ WORKER = Path(dist_worker.__file__)
 
 def torchrun(nproc: int, *args, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if Path("/sys/class/net/lo").exists():  # gloo on loopback: no need for the host name to resolve
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
