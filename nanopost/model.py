@@ -14,7 +14,7 @@ token ids (plus optional positions, padding mask, packing segments and a KV cach
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch

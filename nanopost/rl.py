@@ -43,14 +43,12 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 
 from . import distributed
 from .checkpoint import load_model, load_tokenizer, save_model
-from .config import save_config
 from .curriculum import PromptSampler, UniformSampler
 from .data import load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
@@ -61,8 +59,8 @@ from .monitor import LiveMonitor, check_stop_on
 from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
-from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
-from .runtime import autocast, make_optimizer, seed_everything
+from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
+from .runtime import autocast
 from .schedules import lr_at, set_lr, temperature_at
 from .tokenizer import Tokenizer
 
@@ -402,16 +400,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
 
     Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
     """
-    dist = distributed.setup(cfg.device)
+    dist, run, resume_from, log = start_run(cfg, log)
     device = dist.device
-    log = dist.main_only(log)
-    seed_everything(cfg.seed)
-    run = Path(cfg.out)
-    if dist.main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run)
-    # Rank 0 looks (finding a checkpoint may repair an interrupted save); the others follow.
-    resume_from = dist.broadcast(latest_checkpoint(run) if cfg.resume and dist.main else None)
 
     tokenizer = load_tokenizer(cfg.model)
     policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
@@ -434,10 +424,9 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
 
     # Each rank samples its own completions; rank 0's stream is the single-process one.
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
-    step = 0
-    if resume_from is not None:  # weights before sharding, the optimizer once it exists
-        extra = load_checkpoint(resume_from, model=policy, device=device)
-        step = extra["step"]
+    wrapped, optimizer, extra = prepare_training(policy, cfg, dist, resume_from)
+    step = extra.get("step", 0)
+    if resume_from is not None:
         sampler.load_state_dict(extra["sampler"])
         streams = extra.get("sample_rng", [])
         if dist.rank < len(streams):
@@ -447,10 +436,6 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                 "streams without a saved state start afresh, so the run continues but not bit for bit")
         if reference is not None and (resume_from / "reference").is_dir():
             reference.load_state_dict(load_model(resume_from / "reference", device=device).state_dict())
-    wrapped = distributed.wrap(policy, dist, fsdp=cfg.fsdp)
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, cfg.betas)
-    if resume_from is not None:
-        load_optimizer_state(resume_from, policy, optimizer)
         log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLogger(run, resume_step=step, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.

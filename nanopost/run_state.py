@@ -43,15 +43,18 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
+from . import distributed
 from .checkpoint import load_model, save_model, write_atomic
+from .config import save_config
 from .model import Transformer
+from .runtime import make_optimizer, seed_everything
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -379,3 +382,42 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         step = read_summary(child).get("step")
         found.append((step if isinstance(step, int) else -1, child.name == LAST, child))
     return max(found, key=lambda t: t[:2])[2] if found else None
+
+
+# -- the opening both training loops share ----------------------------------------------------------
+
+
+def start_run(cfg: Any, log: Callable[..., None]) -> tuple[distributed.Dist, Path, Path | None, Callable[..., None]]:
+    """Join the process group (under torchrun), seed, write the run directory's config, find the
+    checkpoint to resume from; returns (dist, run_dir, checkpoint or None, log for this rank).
+
+    Rank 0 alone writes and looks for the checkpoint (finding one may repair an interrupted
+    save); the others are told which.
+    """
+    dist = distributed.setup(cfg.device)
+    log = dist.main_only(log)
+    seed_everything(cfg.seed)
+    run = Path(cfg.out)
+    if dist.main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run)
+    resume_from = dist.broadcast(latest_checkpoint(run) if cfg.resume and dist.main else None)
+    if cfg.resume and resume_from is None:
+        log(f"{run}: no checkpoint to resume from; starting fresh")
+    return dist, run, resume_from, log
+
+
+def prepare_training(model: Transformer, cfg: Any, dist: distributed.Dist, resume_from: Path | None
+                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    """Weights from the checkpoint, the data-parallel wrapper, AdamW and its saved state.
+
+    The order matters under FSDP2: weights go into the whole model before it is sharded, and
+    the optimizer exists (and can take its state) only once the parameters are the shards.
+    Returns (the module to train through, the optimizer, the checkpoint's `extra`, {} if none).
+    """
+    extra = {} if resume_from is None else load_checkpoint(resume_from, model=model, device=dist.device)
+    wrapped = distributed.wrap(model, dist, fsdp=cfg.fsdp)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    if resume_from is not None:
+        load_optimizer_state(resume_from, model, optimizer)
+    return wrapped, optimizer, extra

@@ -24,15 +24,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model, load_tokenizer
-from .config import save_config
 from . import distributed
+from .checkpoint import load_model, load_tokenizer
 from .data import (Batch, Example, fit_examples, load_sft, load_text, pack_examples, tokenize_chat,
                    tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
@@ -40,8 +38,8 @@ from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import LiveMonitor, check_stop_on
 from .model import Transformer
 from .rewards import extract_answer
-from .run_state import checkpoint_path, latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
-from .runtime import autocast, make_optimizer, seed_everything
+from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
+from .runtime import autocast
 from .schedules import lr_at, set_lr
 from .tokenizer import Tokenizer
 
@@ -166,18 +164,8 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
 
     Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
     """
-    dist = distributed.setup(cfg.device)
+    dist, run, resume_from, log = start_run(cfg, log)
     device = dist.device
-    log = dist.main_only(log)
-    seed_everything(cfg.seed)
-    run = Path(cfg.out)
-    if dist.main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run)
-    # Rank 0 looks (finding a checkpoint may repair an interrupted save); the others follow.
-    resume_from = dist.broadcast(latest_checkpoint(run) if cfg.resume and dist.main else None)
-    if cfg.resume and resume_from is None:
-        log(f"{run}: no checkpoint to resume from; starting fresh")
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device=device, dtype=torch.float32)
@@ -198,14 +186,10 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / per_step))
 
-    step, consumed, best = 0, 0, math.inf  # consumed: global micro-batches drawn, i.e. the data position
-    if resume_from is not None:  # weights before sharding, the optimizer once it exists
-        extra = load_checkpoint(resume_from, model=model, device=device)
-        step, consumed, best = extra["step"], extra["consumed"], extra["best_val_loss"]
-    trained = distributed.wrap(model, dist, fsdp=cfg.fsdp)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    trained, optimizer, extra = prepare_training(model, cfg, dist, resume_from)
+    # consumed: global micro-batches drawn, i.e. the data position
+    step, consumed, best = extra.get("step", 0), extra.get("consumed", 0), extra.get("best_val_loss", math.inf)
     if resume_from is not None:
-        load_optimizer_state(resume_from, model, optimizer)
         log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLogger(run, resume_step=step, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.

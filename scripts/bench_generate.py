@@ -13,7 +13,7 @@ import tempfile
 import torch
 
 from nanopost.benchmark import bench_config, best_time, matmul_peak_flops
-from nanopost.checkpoint import load_model, save_model
+from nanopost.checkpoint import save_model
 from nanopost.generate import generate
 from nanopost.model import Transformer
 

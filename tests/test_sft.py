@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanopost.checkpoint import load_model, load_tokenizer
-from nanopost.data import fit_examples, load_sft, make_batch, tokenize_chat
+from nanopost.data import load_sft, make_batch, tokenize_chat
 from nanopost.metrics import read_metrics
 from nanopost.run_state import CheckpointError, checkpoint_path
 from nanopost.sft import SFTConfig, accumulate_gradients, train_sft
