@@ -36,6 +36,8 @@ except ImportError:  # pragma: no cover
 
 T = TypeVar("T")
 
+FSDP_HELP = "under torchrun: shard weights, gradients and optimizer state over ranks (FSDP2) instead of DDP"
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -84,10 +86,6 @@ class Dist:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
 
     @property
     def _comm_device(self) -> torch.device:

@@ -133,8 +133,7 @@ class GRPOConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    fsdp: bool = field(default=False, metadata={
-        "help": "under torchrun: shard weights, gradients and optimizer state over ranks (FSDP2) instead of DDP"})
+    fsdp: bool = field(default=False, metadata={"help": distributed.FSDP_HELP})
     stop_on: list[str] = field(default_factory=list, metadata={
         "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
     resume: bool = False

@@ -404,7 +404,7 @@ def start_run(cfg: Any, log: Callable[..., None]) -> tuple[distributed.Dist, Pat
     resume_from = dist.broadcast(latest_checkpoint(run) if cfg.resume and dist.main else None)
     if cfg.resume and resume_from is None:
         log(f"{run}: no checkpoint to resume from; starting fresh")
-    if getattr(cfg, "fsdp", False) and not dist.active:
+    if cfg.fsdp and not dist.active:
         log("--fsdp shards over the processes of a torchrun job; a single process trains the whole model")
     return dist, run, resume_from, log
 
