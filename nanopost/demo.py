@@ -4,10 +4,12 @@ Nothing can be downloaded, so the demo builds its own base: a digit-splitting by
 tokenizer and a small Qwen2-style model pretrained from scratch on task text, saved as a normal
 Hugging Face checkpoint and cached. Then:
 
-    SFT      on reasoning traces in the chat format: <think> one equation per line </think>
-             <answer> result </answer>, for the easier levels only
+    SFT      on chat-format examples of levels 1-6 in which, as in data mixing thinking and
+             non-thinking answers, fewer than half work the problem out (<think> one equation per
+             line </think> <answer> result </answer>) and the rest answer with an empty think block
     GRPO     from the SFT model, on all levels with accuracy + format + thinking rewards,
-             a curriculum and a temperature schedule
+             a curriculum and a temperature schedule: it learns which of the two behaviours the
+             SFT model imitates gets answers right
     control  SFT continued from the same SFT model for the same wall time as GRPO, so "GRPO
              helped" cannot mean "it just trained longer"
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +59,9 @@ class DemoConfig:
     test_per_level: int = field(default=30, metadata={"help": "held-out prompts per level"})
     sft_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6],
                                   metadata={"help": "levels with reasoning traces for SFT"})
+    sft_worked: float = field(default=0.45, metadata={
+        "help": "fraction of SFT examples with the equations written out; the rest answer with an empty "
+                "think block"})
     # the base model
     vocab_size: int = 384
     hidden_size: int = 128
@@ -67,7 +73,7 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     # SFT
     sft_examples: int = 12000
-    sft_steps: int = 500
+    sft_steps: int = 800
     sft_lr: float = 1e-3
     # GRPO
     grpo_steps: int = 100
@@ -92,6 +98,9 @@ def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
     rng = random.Random(cfg.seed)
     docs = [task.sample(rng) for _ in range(cfg.pretrain_docs)]
     sft = task.make_split(cfg.sft_examples, seed=cfg.seed + 1, levels=cfg.sft_levels)
+    # Below one half, so the SFT model's most likely first move is to skip the reasoning.
+    worked = random.Random(cfg.seed + 3)
+    sft = [r if worked.random() < cfg.sft_worked else {**r, "reasoning": ""} for r in sft]
     grpo = task.make_split(max(4000, cfg.grpo_steps * cfg.grpo_prompts), seed=cfg.seed + 2)
     per_level: dict[int, int] = {}
     test = []
@@ -114,14 +123,15 @@ def build_base(cfg: DemoConfig, root: Path, files: dict[str, Path], log) -> Path
     key = {k: getattr(cfg, k) for k in ("seed", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
                                         "pretrain_docs", "pretrain_steps", "pretrain_lr")}
     key["template"] = TEMPLATE.user_message("{question}")  # the tokenizer is trained on prompts too
+    key["tokenizer_texts"] = "pretraining documents + SFT prompts"
     marker = base / "demo_base.json"
     if marker.is_file() and json.loads(marker.read_text()) == key:
         log(f"base model: cached in {base}")
         return base / "model"
     texts = [json.loads(line)["text"] for line in files["pretrain"].read_text().splitlines()][:4000]
-    # The prompt's fixed wording should be a few tokens, not dozens of bytes: train on it too.
-    texts += [r["prompt"] + "\n" + r["completion"]
-              for r in map(json.loads, files["sft"].read_text().splitlines()[:1000])]
+    # The prompt's fixed wording (tags included) should be a few tokens, not dozens of bytes:
+    # train on it too. Prompts only, so the base does not depend on how the SFT answers look.
+    texts += [r["prompt"] for r in map(json.loads, files["sft"].read_text().splitlines()[:1000])]
     tokenizer = train_bpe(texts, cfg.vocab_size, split_digits=True)
     model_cfg = ModelConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
                             intermediate_size=int(cfg.hidden_size * 8 / 3) // 8 * 8, num_hidden_layers=cfg.layers,
@@ -146,13 +156,19 @@ def build_base(cfg: DemoConfig, root: Path, files: dict[str, Path], log) -> Path
     return final
 
 
+def worked_out(completion: str, item: EvalItem | None = None) -> float:
+    """1.0 when the think block holds reasoning, 0.0 for an empty or missing one."""
+    return float(re.search(r"<think>\s*[^<\s]", completion) is not None)
+
+
 def eval_stage(model_dir: Path, items_file: Path, cfg: DemoConfig, k: int) -> dict:
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     task = get_task("arithmetic", split="test")
     items = [EvalItem(tokenize_prompt(tokenizer, TEMPLATE.messages(r["prompt"])), r["answer"], r["difficulty"], r)
              for r in load_rl(items_file)]
     return evaluate(model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, k=k, temperature=1.0,
-                    check=lambda c, it: task.check(c, it.record), seed=cfg.seed)
+                    check=lambda c, it: task.check(c, it.record), seed=cfg.seed,
+                    measures={"worked_out": worked_out})
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
@@ -164,7 +180,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     files = write_data(cfg, root / "data")
     base = build_base(cfg, root, files, log)
 
-    log("SFT on reasoning traces (levels " + ",".join(map(str, cfg.sft_levels)) + ")")
+    log(f"SFT on levels {','.join(map(str, cfg.sft_levels))}, {cfg.sft_worked:.0%} of the examples worked out")
     sft_run = root / "sft"
     train_sft(SFTConfig(model=str(base), train=str(files["sft"]), out=str(sft_run), max_len=128, batch_rows=32,
                         max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=20, eval_every=0, log_every=50,
@@ -227,12 +243,13 @@ def render_report(cfg: DemoConfig, results: dict, grpo_seconds: float, total_sec
     k = cfg.eval_k
     lines = ["# nanopost demo report", "",
              f"Held-out multi-step arithmetic, {results['sft']['n']} prompts ({cfg.test_per_level} per level). "
-             f"SFT saw levels {', '.join(map(str, cfg.sft_levels))} only; GRPO trained on all levels. "
+             f"SFT saw levels {', '.join(map(str, cfg.sft_levels))}, {cfg.sft_worked:.0%} of its examples worked out "
+             f"and the rest answered with an empty think block; GRPO trained on all levels. "
              f"The control is SFT continued for GRPO's wall time ({grpo_seconds:.0f}s). Total {total_seconds / 60:.1f} min.",
-             "", f"| stage | greedy accuracy (95% CI) | avg@{k} | pass@{k} |", "|---|---|---|---|"]
+             "", f"| stage | greedy accuracy (95% CI) | avg@{k} | pass@{k} | worked out |", "|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['accuracy']:.3f} ({r['accuracy_lo']:.3f}–{r['accuracy_hi']:.3f}) "
-                     f"| {_fmt(r.get(f'avg@{k}'))} | {_fmt(r.get(f'pass@{k}'))} |")
+                     f"| {_fmt(r.get(f'avg@{k}'))} | {_fmt(r.get(f'pass@{k}'))} | {r['worked_out']:.2f} |")
     levels = sorted({lvl for r in results.values() for lvl in r["per_difficulty"]}, key=float)
     name = lambda lvl: f"{float(lvl):g}"  # noqa: E731  (levels are read back as floats)
     lines += ["", "Greedy accuracy per difficulty level (level = 3·(digits−1) + operations):", "",

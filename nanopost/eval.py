@@ -77,13 +77,17 @@ def evaluate(
     check: Checker = default_check,
     batch_size: int = 64,
     seed: int = 0,
+    measures: dict[str, Checker] | None = None,
     dist: Dist = Dist(),
 ) -> dict:
     """Greedy accuracy (with a 95% Wilson interval) and, if k > 0, avg@k at `temperature`.
 
     Returns a flat dict of floats (for metrics rows) plus "per_difficulty": {level: accuracy}.
+    `measures` are further per-completion scores (name -> fn(completion, item)), averaged over the
+    greedy completions: how often the format holds or the reasoning is written out, say.
     Under torchrun each rank generates for its share of the items and all ranks get the result.
     """
+    measures = measures or {}
     was_training = model.training
     model.eval()
     all_items = items
@@ -91,6 +95,7 @@ def evaluate(
     prompts = [it.prompt_ids for it in items]
     greedy = completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     scores = [check(c, it) for c, it in zip(greedy, items)]
+    measured = {name: sum(fn(c, it) for c, it in zip(greedy, items)) for name, fn in measures.items()}
     sampled_scores: list[float] = []
     if k > 0:
         # Each rank its own stream; rank 0's is the single-process one.
@@ -100,14 +105,16 @@ def evaluate(
                               batch_size=batch_size, generator=g)
         sampled_scores = [check(c, items[i // k]) for i, c in enumerate(sampled)]
     if dist.active:
-        parts = dist.gather((scores, sampled_scores, greedy[:1]))
+        parts = dist.gather((scores, sampled_scores, greedy[:1], measured))
         scores = [s for p in parts for s in p[0]]
         sampled_scores = [s for p in parts for s in p[1]]
         greedy = [c for p in parts for c in p[2]]
+        measured = {name: sum(p[3][name] for p in parts) for name in measured}
     items = all_items
     n = len(items)
     lo, hi = wilson_interval(sum(scores), n)
     result: dict = {"accuracy": sum(scores) / max(n, 1), "accuracy_lo": lo, "accuracy_hi": hi, "n": n}
+    result.update({name: total / max(n, 1) for name, total in measured.items()})
     by_level: dict = defaultdict(list)
     for s, it in zip(scores, items):
         by_level[it.difficulty].append(s)

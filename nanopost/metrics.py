@@ -89,16 +89,22 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 class MetricsLogger:
     """Appends rows to run_dir/metrics.jsonl, one flushed line each.
 
-    write=False (every rank but 0 in multi-process training) only formats the rows it is given.
+    resume_step: a resumed run drops the rows logged after its checkpoint's step. fresh: a new
+    run in a directory used before drops every earlier row, which would otherwise mix into its
+    curves and diagnostics. write=False (every rank but 0 in multi-process training) only formats
+    the rows it is given.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None, write: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None, fresh: bool = False,
+                 write: bool = True):
         self.path = Path(run_dir) / METRICS_FILE
         self.write = write
         if not write:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
+        if fresh:
+            self._rewrite([])
+        elif resume_step is not None:
             self.truncate_after(resume_step)
         elif self.path.is_file() and self.path.stat().st_size:
             with open(self.path, "rb") as f:

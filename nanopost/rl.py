@@ -436,7 +436,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         if reference is not None and (resume_from / "reference").is_dir():
             reference.load_state_dict(load_model(resume_from / "reference", device=device).state_dict())
         log(f"resumed from {resume_from} at step {step}")
-    metrics = MetricsLogger(run, resume_step=step, write=dist.main)
+    metrics = MetricsLogger(run, resume_step=step, fresh=resume_from is None, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
     monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
 

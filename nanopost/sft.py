@@ -190,7 +190,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     step, consumed, best = extra.get("step", 0), extra.get("consumed", 0), extra.get("best_val_loss", math.inf)
     if resume_from is not None:
         log(f"resumed from {resume_from} at step {step}")
-    metrics = MetricsLogger(run, resume_step=step, write=dist.main)
+    metrics = MetricsLogger(run, resume_step=step, fresh=resume_from is None, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
     monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
 

@@ -9,7 +9,7 @@ def test_toy_demo_writes_a_complete_report(tmp_path):
     results = run_demo(DemoConfig(out=str(tmp_path), **TOY), log=lines.append)
     assert list(results) == ["base", "sft", "control", "grpo"]
     report = (tmp_path / "report.md").read_text()
-    assert "| stage | greedy accuracy (95% CI) | avg@2 | pass@2 |" in report
+    assert "| stage | greedy accuracy (95% CI) | avg@2 | pass@2 | worked out |" in report
     for stage in results:
         assert f"| {stage} |" in report
     assert "| level | base | sft | control | grpo |" in report

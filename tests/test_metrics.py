@@ -113,3 +113,13 @@ def test_value_and_duration_formats():
     assert format_value("mode", "train") == "mode train"
     assert [format_duration(s) for s in (0, 59.4, 62, 3600 * 2 + 300, 86400 * 3 + 3600 * 4)] == [
         "0s", "59s", "1m02s", "2h05m", "3d04h"]
+
+
+def test_a_fresh_run_drops_the_rows_of_an_earlier_run(tmp_path):
+    old = MetricsLogger(tmp_path)
+    for step in (0, 0, 5):
+        old.log({"kind": "eval", "step": step, "accuracy": 0.9})
+    new = MetricsLogger(tmp_path, resume_step=0, fresh=True)
+    assert read_metrics(tmp_path) == []
+    new.log({"kind": "eval", "step": 0, "accuracy": 0.1})
+    assert [r["accuracy"] for r in read_metrics(tmp_path)] == [0.1]
