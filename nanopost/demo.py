@@ -73,7 +73,7 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     # SFT
     sft_examples: int = 12000
-    sft_steps: int = 800
+    sft_steps: int = 1200
     sft_lr: float = 1e-3
     # GRPO
     grpo_steps: int = 100
