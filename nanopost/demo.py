@@ -58,7 +58,7 @@ class DemoConfig:
                            metadata={"help": "held-out split (the same for every stage)"})
     test_per_level: int = field(default=30, metadata={"help": "held-out prompts per level"})
     sft_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6],
-                                  metadata={"help": "levels with reasoning traces for SFT"})
+                                  metadata={"help": "levels of the SFT examples"})
     sft_worked: float = field(default=0.45, metadata={
         "help": "fraction of SFT examples with the equations written out; the rest answer with an empty "
                 "think block"})
