@@ -56,6 +56,33 @@ def matmul_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, device:
     return 8 * 2 * n**3 / best_time(run, repeats=5)
 
 
+def decode_kernel_floor(model: Transformer, batch: int, context: int, repeats: int = 5) -> float:
+    """Seconds per decoding step spent in the step's matmuls and attention kernels alone.
+
+    Every linear layer applied to `batch` rows, plus attention of one query per row over `context`
+    cached keys in each layer, timed kernel by kernel with nothing between them: no norms, RoPE,
+    residuals, cache writes, sampling or Python. No implementation built on these kernels can
+    decode faster, so this is the ceiling to hold a sampler's tokens/s against.
+    """
+    cfg = model.config
+    heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=model.dtype, device=model.device)
+              for m in linears}
+    q = torch.randn(batch, kv, heads // kv, d, dtype=model.dtype, device=model.device)
+    k = torch.randn(batch, kv, context, d, dtype=model.dtype, device=model.device)
+    mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=model.device)
+
+    def step():
+        with torch.no_grad():
+            for m in linears:
+                torch.nn.functional.linear(inputs[m.in_features], m.weight, m.bias)
+            for _ in range(cfg.num_hidden_layers):
+                torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+
+    return best_time(step, repeats=repeats, warmup=3)
+
+
 # Pseudo-words from two-letter syllables: a 1024-token BPE learns most of them whole, so a
 # sentence of k words is about k + 1 tokens, and the lengths of the chats are predictable.
 _SYLLABLES = "ka lo mi ne ru sa to vi be da fo gu hi ja ke li mo nu pa qe ri so tu we xo yi za".split()

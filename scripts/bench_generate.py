@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from nanopost.benchmark import bench_config, best_time, matmul_peak_flops
+from nanopost.benchmark import bench_config, best_time, decode_kernel_floor, matmul_peak_flops
 from nanopost.checkpoint import save_model
 from nanopost.generate import generate
 from nanopost.model import Transformer
@@ -48,8 +48,10 @@ def main() -> None:
             repeats=args.repeats,
         )
         flops = n_tokens * model.flops_per_token(context=args.prompt_len + args.new // 2)
+        floor = args.new * decode_kernel_floor(model, args.batch, context=args.prompt_len + args.new // 2)
         line = (f"{size:6s} nanopost {n_tokens / t_ours:9.0f} tok/s  "
-                f"({flops / t_ours / peak:5.1%} of matmul peak)")
+                f"({flops / t_ours / peak:5.1%} of matmul peak; kernel-only ceiling {n_tokens / floor:6.0f} tok/s, "
+                f"reached {floor / t_ours:4.0%})")
         if not args.no_hf:
             t_hf = time_transformers(model, prompts, args)
             line += f" | transformers {n_tokens / t_hf:9.0f} tok/s | speed-up {t_hf / t_ours:4.2f}x"
