@@ -1,6 +1,6 @@
 """The end-to-end demo: base model -> SFT -> GRPO (+ control arm) on multi-step arithmetic.
 
-    python scripts/demo.py                 # the full demo, about 10 minutes on 2 CPU cores
+    python scripts/demo.py                 # the full demo, about 11 minutes on 2 CPU cores
     python scripts/demo.py --toy           # the same pipeline at toy scale, seconds
     python scripts/demo.py --help          # every option
 """
