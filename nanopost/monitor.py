@@ -71,6 +71,9 @@ class Thresholds:
     task_rewards: tuple[str, ...] = ("accuracy", "countdown")  # reward components that are the task
     hacking_rows: int = 50  # train rows before reward hacking is judged: the format is learned before
     #                         the task, so early on a rising format reward with a flat accuracy is normal
+    hacking_evals: int = 2  # held-out evaluations that are enough to judge reward hacking: the start
+    #                          and now say whether accuracy moved, and the train accuracy is no
+    #                          substitute under a curriculum (its prompts get harder as it goes)
     # completion length, entropy, KL (GRPO)
     length_growth: float = 3.0  # late / early mean length above this: exploding
     length_shrink: float = 0.4  # late / early mean length below this: collapsing
@@ -338,7 +341,7 @@ def _check_reward_hacking(train: Sequence[Mapping], evals: Sequence[Mapping], t:
     if not rising:
         return None
     es, acc = _finite(*_column(evals, "accuracy"))
-    if len(acc) >= t.min_evals:
+    if len(acc) >= t.hacking_evals:
         w = max(1, int(round(len(acc) * t.window)))
         acc_name, acc_early, acc_late = "held-out accuracy", float(acc[:w].mean()), float(acc[-w:].mean())
     else:

@@ -106,6 +106,18 @@ def test_reward_hacking_run_format_up_accuracy_flat():
     assert "format" in f.message and f.evidence["reward_format_mean"][1] > 0.8
 
 
+def test_reward_hacking_is_judged_on_two_heldout_evaluations_when_there_are_two():
+    # A curriculum: train accuracy falls as the prompts get harder, the format reward rises.
+    falling = lambda s: 0.5 - 0.3 * s / STEPS  # noqa: E731
+    helped = rl_run(accuracy=falling, format_=rising(0.1, 0.95), heldout=lambda s: 0.1 + 0.001 * s,
+                    every=STEPS // 2 + 1)  # evaluations at step 0 and halfway only
+    assert len([r for r in helped if r["kind"] == "eval"]) == 2
+    assert "reward_hacking" not in warnings(diagnose(helped))
+    hacked = rl_run(accuracy=falling, format_=rising(0.1, 0.95), heldout=lambda s: 0.1, every=STEPS // 2 + 1)
+    f = next(f for f in diagnose(hacked) if f.code == "reward_hacking")
+    assert f.evidence["accuracy_metric"] == "held-out accuracy"
+
+
 def test_too_low_lr_run_suggests_a_higher_lr():
     s = np.arange(1, STEPS + 1)
     loss = 2.5 - 0.0008 * s + 0.005 * noise(2)  # falling steadily, 7% over the whole run
