@@ -1,9 +1,10 @@
 """Batched sampling with a KV cache.
 
 Prompts of different lengths are left-padded into one batch and prefilled in a single forward
-pass; then one token per row per step is decoded against a preallocated cache. Rows that hit a
-stop token are dropped from the batch (in chunks, since each drop copies the cache), so finished
-rows stop costing compute.
+pass (each distinct prompt once: GRPO asks for G continuations of every prompt); then one token
+per row per step is decoded against a preallocated cache. Rows that hit a stop token are dropped
+from the batch (in chunks, since each drop copies the cache), so finished rows stop costing
+compute.
 
 The returned log-probabilities are those of the *tempered, untruncated* distribution,
 log_softmax(logits / T), at the sampled tokens: exactly what the GRPO loss recomputes, so the
@@ -108,24 +109,31 @@ def generate(
             f"it needs {len(prompts[longest]) + max_new_tokens} positions, but the model's context is {context}"
         )
     device = model.device
-    ids, mask = left_pad(prompts, 0, device)  # prompt padding is masked, any valid id will do
-    B, P = ids.shape
-    cache = KVCache(model.config, B, P + max_new_tokens, device, model.dtype)
+    distinct: dict[tuple[int, ...], int] = {}
+    which = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    ids, mask = left_pad(list(distinct), 0, device)  # prompt padding is masked, any valid id will do
+    P, B = ids.shape[1], len(prompts)
+    cache = KVCache(model.config, len(distinct), P + max_new_tokens, device, model.dtype)
+    logits = model(ids, attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]  # [U, V]
+    positions = mask.sum(-1, keepdim=True)  # [U, 1] next position of each row
+    if len(distinct) < B:
+        cache.keep(which)
+        logits, positions = logits[which], positions[which]
     stops = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
 
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-
-    logits = model(ids, attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]  # [B, V]
-    positions = mask.sum(-1, keepdim=True)  # [B, 1] next position of each row
+    # Tokens of the rows still in the batch, written one column per step and copied out to their
+    # original rows only when the batch shrinks; what a row drew after its stop is blanked at the end.
+    batch_tokens, batch_logprobs = tokens.clone(), logprobs.clone()
     rows = torch.arange(B, device=device)  # original index of each row still in the batch
     alive = torch.ones(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         tok, lp = sample_token(logits, temperature, top_p, top_k, generator)
-        tokens[rows, t] = torch.where(alive, tok, tokens[rows, t])
-        logprobs[rows, t] = torch.where(alive, lp, logprobs[rows, t])
+        batch_tokens[:, t] = tok
+        batch_logprobs[:, t] = lp
         if len(stops):
             hit = alive & torch.isin(tok, stops)
             if hit.any():
@@ -137,11 +145,16 @@ def generate(
                     break
                 # Dropping rows copies the cache, so wait until a quarter of the batch is done.
                 if len(rows) - n_alive >= max(1, len(rows) // 4):
+                    tokens[rows], logprobs[rows] = batch_tokens, batch_logprobs
                     cache.keep(alive)
                     rows, tok, positions = rows[alive], tok[alive], positions[alive]
+                    batch_tokens, batch_logprobs = batch_tokens[alive], batch_logprobs[alive]
                     alive = alive[alive]
         if t + 1 == max_new_tokens:
             break
         logits = model(tok[:, None], positions=positions, cache=cache)[:, -1]
         positions = positions + 1
-    return Rollout(tokens=tokens, logprobs=logprobs, lengths=lengths, finished=finished)
+    tokens[rows], logprobs[rows] = batch_tokens, batch_logprobs
+    generated = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]
+    return Rollout(tokens=tokens.masked_fill_(~generated, pad_token_id), logprobs=logprobs.masked_fill_(~generated, 0.0),
+                   lengths=lengths, finished=finished)

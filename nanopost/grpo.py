@@ -364,9 +364,10 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     if logits.dim() != 3:
         raise ValueError(f"entropy_from_logits: need logits [N, T, V], got {tuple(logits.shape)}")
     n_rows, length, vocab = logits.shape
+    rows = _rows_view(logits)
     pieces = []
-    for i, t0, t1 in _position_chunks(n_rows, length, vocab):
-        x = logits[i, t0:t1].to(_float_dtype(logits)) / temperature  # [c, V]
+    for i, t0, t1 in _position_chunks(rows):
+        x = rows[i, t0:t1].to(_float_dtype(logits)) / temperature  # [c, V]
         lse = torch.logsumexp(x, dim=-1)
         p = torch.exp(x - lse.unsqueeze(-1))
         pieces.append(lse - (p * x).sum(-1))
@@ -383,33 +384,35 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
-        n_rows, length, vocab = logits.shape
+        rows = _rows_view(logits)
+        tokens = tokens.reshape(rows.shape[:2])
         out_dtype = _float_dtype(logits)
-        logp = torch.empty(n_rows, length, dtype=out_dtype, device=logits.device)  # [N, T]
-        lse = torch.empty_like(logp)  # [N, T]
-        for i, t0, t1 in _position_chunks(n_rows, length, vocab):
-            x = logits[i, t0:t1].to(out_dtype) / temperature  # [c, V]
+        logp = torch.empty(rows.shape[:2], dtype=out_dtype, device=logits.device)
+        lse = torch.empty_like(logp)
+        for i, t0, t1 in _position_chunks(rows):
+            x = rows[i, t0:t1].to(out_dtype) / temperature  # [c, V]
             lse[i, t0:t1] = torch.logsumexp(x, dim=-1)
             picked = x.gather(-1, tokens[i, t0:t1].unsqueeze(-1)).squeeze(-1)
             logp[i, t0:t1] = picked - lse[i, t0:t1]
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
-        return logp
+        return logp.view(logits.shape[:2])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp: Tensor):
         logits, tokens, lse = ctx.saved_tensors
         temperature = ctx.temperature
-        grad = torch.empty_like(logits)
-        n_rows, length, vocab = logits.shape
-        for i, t0, t1 in _position_chunks(n_rows, length, vocab):
-            x = logits[i, t0:t1].to(lse.dtype) / temperature
+        rows = _rows_view(logits)
+        grad = torch.empty_like(rows)
+        grad_logp = grad_logp.reshape(rows.shape[:2])
+        for i, t0, t1 in _position_chunks(rows):
+            x = rows[i, t0:t1].to(lse.dtype) / temperature
             g = grad_logp[i, t0:t1].unsqueeze(-1)  # [c, 1]
             piece = torch.exp(x - lse[i, t0:t1].unsqueeze(-1)).mul_(-g)  # −g·softmax
             piece.scatter_add_(-1, tokens[i, t0:t1].unsqueeze(-1), g)  # + g at the token
             grad[i, t0:t1] = piece.div_(temperature)
-        return grad, None, None
+        return grad.view(logits.shape), None, None
 
 
 def _float_dtype(logits: Tensor) -> torch.dtype:
@@ -422,9 +425,17 @@ def _row_chunks(rows: int, vocab: int):
         yield start, min(start + step, rows)
 
 
-def _position_chunks(n_rows: int, length: int, vocab: int):
-    # Chunk along T inside each row rather than flattening [N, T]: logits sliced to the
-    # completion (logits[:, P:]) cannot be flattened without a full copy.
+def _rows_view(logits: Tensor) -> Tensor:
+    """logits [N, T, V] as the [R, L, V] tensor to chunk: [1, N * T, V] when contiguous (the
+    model's own output), so a few large chunks replace N small ones; a slice such as
+    logits[:, P:] cannot be flattened without a full copy, so it stays [N, T, V]."""
+    n_rows, length, vocab = logits.shape
+    return logits.view(1, n_rows * length, vocab) if logits.is_contiguous() else logits
+
+
+def _position_chunks(rows: Tensor):
+    """(row, start, end) covering rows [R, L, V] in chunks of about _CHUNK_ELEMENTS elements."""
+    n_rows, length, vocab = rows.shape
     for i in range(n_rows):
         for t0, t1 in _row_chunks(length, vocab):
             yield i, t0, t1

@@ -209,17 +209,20 @@ class KVCache:
     """Preallocated keys/values for batched decoding, written by index (no reallocation per step).
 
     Prompts are left-padded so every row writes the same column each step; `valid[b, s]` says
-    whether slot s of row b holds a real token, so padding is never attended. Rows can be dropped
-    with `keep` once they finish, so finished rows stop costing compute.
+    whether slot s of row b holds a real token, so padding is never attended (slots start valid,
+    so a decoding step, which only adds real tokens, writes nothing there). Rows can be dropped
+    with `keep` once they finish, so finished rows stop costing compute; rows can also be repeated
+    with it, e.g. to prefill each distinct prompt once and then sample several continuations.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
+        self.valid = torch.ones(batch, max_len, device=device, dtype=torch.bool)
         self.length = 0
         self.max_len = max_len
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of every slot's position
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -228,9 +231,49 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def keep(self, rows: torch.Tensor) -> None:
+        """Keep (bool mask) or gather (indices, repeats allowed) rows of the batch."""
         self.k = self.k[:, rows]
         self.v = self.v[:, rows]
         self.valid = self.valid[rows]
+
+
+@dataclass
+class SharedPrefix:
+    """Prompts that several rows continue, e.g. the G completions of one GRPO group.
+
+    Their keys and values are computed once per prompt (with gradients) and read by every row
+    that continues it, instead of once per row: the prompt's share of the work shrinks G-fold.
+    """
+
+    ids: torch.Tensor  # [U, P] the distinct prompts, left-padded
+    mask: torch.Tensor  # [U, P] 1 = real token
+    rows: torch.Tensor  # [N] which prompt each row continues
+
+
+class _RecordKV:
+    """Keeps every layer's keys and values of a forward pass, autograd graph included."""
+
+    def __init__(self):
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv.append((k, v))
+        return k, v
+
+
+class _AfterPrefix:
+    """Puts each row's prompt keys/values (recorded by _RecordKV) in front of the row's own.
+
+    index_select, not indexing: the backward of x[rows] with repeated rows adds with atomics in
+    parallel on the CPU, in no fixed order, and GRPO's exact resume needs bitwise-equal gradients.
+    """
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor):
+        self.kv, self.rows = kv, rows
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pk, pv = self.kv[layer]
+        return torch.cat([pk.index_select(0, self.rows), k], dim=2), torch.cat([pv.index_select(0, self.rows), v], dim=2)
 
 
 class Attention(nn.Module):
@@ -258,6 +301,8 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
+        if mask is not None and mask.dtype not in (torch.bool, q.dtype):
+            mask = mask.to(q.dtype)  # autocast: the additive mask follows the query's dtype
         if T == 1 and self.n_kv != self.n_heads:
             # Decoding: the query heads sharing a KV head become that head's queries, so K/V are
             # read once per KV head and never copied (expanding them is the main cost on CPU).
@@ -374,21 +419,58 @@ class Transformer(nn.Module):
                 f"sequence needs position {int(positions.max())} but the model's context is "
                 f"{self.config.max_position_embeddings} (max_position_embeddings)"
             )
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
         mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache, device)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+        rope = None
+        if cache is not None:
+            # Decoding positions are below the cache size, so a table of them replaces the
+            # per-step cos/sin with two lookups.
+            if cache.rope is None:
+                cache.rope = self.rope(torch.arange(cache.max_len, device=device)[None], self.dtype)
+            rope = cache.rope[0][0, 0][positions][:, None], cache.rope[1][0, 0][positions][:, None]
+        x = self._blocks(input_ids, positions, mask, cache, rope)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
+
+    def _blocks(self, input_ids, positions, mask, cache, rope=None) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope if rope is not None else self.rope(positions, x.dtype)
+        if mask is not None:
+            # SDPA turns a boolean mask into an additive one on every call; once per forward will do.
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        return x
+
+    def _after_prefix(self, input_ids: torch.Tensor, prefix: SharedPrefix) -> torch.Tensor:
+        """Final-norm hidden states [N, 1 + T, hidden]: each prompt's last position, then the row's tokens."""
+        U, P = prefix.ids.shape
+        if int(prefix.mask.sum(-1).max()) + input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"prompt + {input_ids.shape[1]} tokens exceed the model's context "
+                             f"({self.config.max_position_embeddings} positions)")
+        record = _RecordKV()
+        prompt_positions = (prefix.mask.long().cumsum(-1) - 1).clamp(min=0)
+        prompt_mask = self._attention_mask(U, P, 0, prefix.mask, None, None, prefix.ids.device)
+        last = self.model.norm(self._blocks(prefix.ids, prompt_positions, prompt_mask, record)[:, -1:])
+        last = last.index_select(0, prefix.rows)
+        N, T = input_ids.shape
+        if T == 0:
+            return last
+        device = input_ids.device
+        lengths = prefix.mask.long().sum(-1)[prefix.rows]  # [N]
+        positions = lengths[:, None] + torch.arange(T, device=device)
+        keys = prefix.mask.bool()[prefix.rows][:, None, :].expand(N, T, P)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None].expand(N, T, T)
+        mask = torch.cat([keys, causal], dim=-1)[:, None]  # [N, 1, T, P + T]
+        x = self._blocks(input_ids, positions, mask, _AfterPrefix(record.kv, prefix.rows))
+        return torch.cat([last, self.model.norm(x)], dim=1)
 
     @staticmethod
     def _attention_mask(B, T, start, attention_mask, segment_ids, cache, device) -> torch.Tensor | None:
         """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention."""
         if cache is not None:
-            new_valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-            cache.valid[:, start : start + T] = new_valid
+            if attention_mask is not None:
+                cache.valid[:, start : start + T] = attention_mask.bool()
             keys = cache.valid[:, : start + T]  # [B, S]
             if T == 1:
                 return keys[:, None, None, :]
@@ -416,6 +498,8 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_slice: slice | None = None,
+        logits_mask: torch.Tensor | None = None,
+        prefix: SharedPrefix | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T].
 
@@ -425,10 +509,21 @@ class Transformer(nn.Module):
         cache          : KVCache to read and extend (decoding).
         logits_slice   : positions to compute logits for (default all); the LM head is a large
                          share of a small model's FLOPs, so scoring a completion skips the prompt.
+        logits_mask    : [B, T] bool: logits only where True, as [n, vocab] in row-major order
+                         (a loss on the replies alone needs no logits for the prompts).
+        prefix         : rows continue these shared prompts (nothing else may be given with it);
+                         the logits are then [N, 1 + T, vocab], the first being those after the prompt.
         """
-        h = self.hidden_states(
-            input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
-        )
+        if prefix is not None:
+            if positions is not None or attention_mask is not None or segment_ids is not None or cache is not None:
+                raise ValueError("prefix= takes no positions, attention_mask, segment_ids or cache")
+            h = self._after_prefix(input_ids, prefix)
+        else:
+            h = self.hidden_states(
+                input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
+            )
+        if logits_mask is not None:
+            return self.lm_head(h[logits_mask])
         return self.lm_head(h if logits_slice is None else h[:, logits_slice])
 
     def num_params(self, with_embeddings: bool = True) -> int:

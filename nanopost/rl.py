@@ -56,7 +56,7 @@ from .generate import generate, left_pad
 from .grpo import entropy_from_logits, group_advantages, policy_loss, token_logprobs
 from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import LiveMonitor, check_stop_on
-from .model import Transformer
+from .model import SharedPrefix, Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
@@ -277,16 +277,25 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torc
                       temperature: float, want_entropy: bool = False):
     """log pi(token) at temperature for every completion token: [N, T] (and entropy [N, T]).
 
-    Layout: [left-padded prompt | completion | right padding], so completion logits sit at the
-    same columns in every row and the LM head runs only on those.
+    Rows of one group share their prompt, so each distinct prompt runs through the model once and
+    its keys/values serve all of its rows (SharedPrefix). Otherwise the layout is [left-padded
+    prompt | completion | right padding], so completion logits sit at the same columns in every
+    row and the LM head runs only on those.
     """
     device = tokens.device
-    prompt_ids, prompt_mask = left_pad(prompts, 0, device)
-    P, T = prompt_ids.shape[1], tokens.shape[1]
-    ids = torch.cat([prompt_ids, tokens], dim=1)
-    attention = torch.cat([prompt_mask, mask.long()], dim=1)
+    distinct: dict[tuple[int, ...], int] = {}
+    which = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     # Through forward(), not its parts: a DDP wrapper only synchronises what goes through forward.
-    logits = model(ids, attention_mask=attention, logits_slice=slice(P - 1, P + T - 1))  # [N, T, V]
+    if len(distinct) < len(prompts):
+        prompt_ids, prompt_mask = left_pad(list(distinct), 0, device)
+        prefix = SharedPrefix(prompt_ids, prompt_mask, torch.tensor(which, device=device))
+        logits = model(tokens[:, :-1], prefix=prefix)  # [N, T, V]: after the prompt, then after each token
+    else:
+        prompt_ids, prompt_mask = left_pad(prompts, 0, device)
+        P, T = prompt_ids.shape[1], tokens.shape[1]
+        ids = torch.cat([prompt_ids, tokens], dim=1)
+        attention = torch.cat([prompt_mask, mask.long()], dim=1)
+        logits = model(ids, attention_mask=attention, logits_slice=slice(P - 1, P + T - 1))  # [N, T, V]
     logp = token_logprobs(logits, tokens, temperature)
     entropy = None
     if want_entropy:

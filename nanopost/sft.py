@@ -89,10 +89,14 @@ class SFTConfig:
 
 
 def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the loss tokens of a packed batch."""
-    logits = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids)
-    labels = batch.labels.masked_fill(batch.loss_mask == 0, -100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    """Sum of next-token cross-entropies over the loss tokens of a packed batch.
+
+    Logits are computed at the loss tokens only: with the loss on replies alone, the LM head and
+    the softmax over the vocabulary would otherwise run for every prompt position too.
+    """
+    keep = batch.loss_mask.bool()
+    logits = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids, logits_mask=keep)
+    return F.cross_entropy(logits.float(), batch.labels[keep], reduction="sum")
 
 
 def accumulate_gradients(model, micro: list[Batch], device, precision: str = "auto",

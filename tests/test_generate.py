@@ -80,6 +80,24 @@ def test_stop_tokens_end_rows_and_dropping_rows_changes_nothing():
     assert out.finished[1]
 
 
+def test_repeated_prompts_are_prefilled_once_and_sampled_independently():
+    model = random_nano_model("llama-gqa-untied")
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[0], PROMPTS[2]]
+    prefill_rows = []
+    hook = model.model.embed_tokens.register_forward_hook(
+        lambda _m, args, _out: prefill_rows.append(args[0].shape[0]) if args[0].shape[1] > 1 else None)
+    greedy = generate(model, prompts, max_new_tokens=8, temperature=0)
+    sampled = generate(model, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert prefill_rows == [2, 2]  # one row per distinct prompt
+    for i, prompt in enumerate(prompts):
+        assert greedy.completion(i) == generate(model, [prompt], max_new_tokens=8, temperature=0).completion(0)
+        logits = full_logits(model, prompt, sampled.completion(i))
+        expected = torch.log_softmax(logits, -1).gather(-1, sampled.tokens[i, :, None])[:, 0]
+        assert torch.allclose(expected, sampled.logprobs[i], atol=1e-5)
+    assert len({tuple(sampled.completion(i)) for i in (0, 2, 3)}) > 1  # copies of a prompt draw apart
+
+
 def test_sampler_draws_from_the_tempered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(40000, 5)
     tok, lp = sample_token(logits, temperature=0.8, generator=torch.Generator().manual_seed(0))

@@ -410,7 +410,8 @@ def test_masked_reductions():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
 def test_token_logprobs_match_log_softmax(temperature, monkeypatch):
-    # 2 positions of an 11-word vocabulary per chunk, so 5 positions split 2 + 2 + 1
+    # 2 positions of an 11-word vocabulary per chunk: the 3 x 5 positions of contiguous logits are
+    # chunked as one run of 15, so chunks straddle rows
     monkeypatch.setattr(grpo, "_CHUNK_ELEMENTS", 22)
     logits, tokens, _, _ = _random_batch(5, n=3, length=5, vocab=11)
     logits.requires_grad_()

@@ -5,7 +5,7 @@ import torch
 
 from hf_reference import CONFIGS, hf_model, nano_config
 from nanopost.checkpoint import load_model
-from nanopost.model import KVCache, ModelConfig, Transformer, rope_inv_freq
+from nanopost.model import KVCache, ModelConfig, SharedPrefix, Transformer, rope_inv_freq
 
 TOL = 1e-4
 
@@ -75,6 +75,63 @@ def test_packed_segments_do_not_attend_to_each_other():
         sep_a, sep_b = model(a), model(b)
     assert (out[0, :7] - sep_a[0]).abs().max().item() < TOL
     assert (out[0, 7:] - sep_b[0]).abs().max().item() < TOL
+
+
+def shared_prompt_batch(vocab: int):
+    """Two prompts (5 and 3 tokens) continued by 5 rows in mixed order, each with 6 tokens."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, vocab, (5,), generator=g).tolist(), torch.randint(0, vocab, (3,), generator=g).tolist()]
+    which = [1, 0, 0, 1, 0]
+    rows = torch.randint(0, vocab, (5, 6), generator=g)
+    ids = torch.tensor([[0, 0] + prompts[1], prompts[0]])[[1, 0]]  # left-padded, in `prompts` order
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    return prompts, which, rows, SharedPrefix(ids, mask, torch.tensor(which))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-bias-tied", "qwen3-qknorm-headdim"])
+def test_shared_prefix_equals_each_row_with_its_prompt(name):
+    model = Transformer(nano_config(name))
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    prompts, which, rows, prefix = shared_prompt_batch(model.config.vocab_size)
+    shared = model(rows, prefix=prefix)  # [5, 1 + 6, V]
+    assert shared.shape[:2] == (5, 7)
+    for i, p in enumerate(which):
+        full = model(torch.cat([torch.tensor(prompts[p]), rows[i]])[None])[0, len(prompts[p]) - 1 :]
+        assert (shared[i] - full).abs().max().item() < TOL
+    # Gradients too: the prompt computed once must collect the gradient of every row continuing it.
+    weights = torch.randn(shared.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((shared * weights).sum(), list(model.parameters()))
+    full = torch.cat([model(torch.cat([torch.tensor(prompts[p]), rows[i]])[None])[:, len(prompts[p]) - 1 :]
+                      for i, p in enumerate(which)])
+    want = torch.autograd.grad((full * weights).sum(), list(model.parameters()))
+    for g, w in zip(grads, want):
+        assert (g - w).abs().max().item() < 1e-4 * max(1.0, w.abs().max().item())
+
+
+def test_shared_prefix_with_no_row_tokens_gives_the_logits_after_each_prompt():
+    model = Transformer(nano_config("qwen2-mha-untied")).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    prompts, which, rows, prefix = shared_prompt_batch(model.config.vocab_size)
+    with torch.no_grad():
+        out = model(rows[:, :0], prefix=prefix)
+        after = [model(torch.tensor([p]))[0, -1] for p in prompts]
+    assert out.shape[:2] == (5, 1)
+    for i, p in enumerate(which):
+        assert (out[i, 0] - after[p]).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="prefix= takes no"):
+        model(rows, prefix=prefix, attention_mask=torch.ones_like(rows))
+
+
+def test_logits_mask_gives_the_selected_positions_only():
+    model = Transformer(nano_config("llama-gqa-untied")).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    ids, mask = padded_batch(model.config.vocab_size)
+    keep = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.4
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, logits_mask=keep)
+        full = model(ids, attention_mask=mask)
+    assert out.shape == (int(keep.sum()), model.config.vocab_size)
+    assert torch.equal(out, full[keep])
 
 
 def test_llama3_rope_scaling_changes_only_low_frequencies():

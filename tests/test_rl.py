@@ -92,10 +92,12 @@ def test_dynamic_sampling_keeps_all_equal_groups_out_of_the_loss(task, tmp_path,
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_loss_logprobs_equal_the_samplers(task, temperature):
+@pytest.mark.parametrize("group", [1, 3])  # 3: rows share their prompt, computed once (SharedPrefix)
+def test_loss_logprobs_equal_the_samplers(task, temperature, group):
     ckpt, _ = task
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     prompts = [tok.encode("Which is larger, 3 or 8?"), tok.encode("Which is larger, 1 or 2? Think.")]
+    prompts = [p for p in prompts for _ in range(group)]
     out = generate(model, prompts, max_new_tokens=12, temperature=temperature,
                    generator=torch.Generator().manual_seed(0), stop_token_ids=[tok.eos_token_id],
                    pad_token_id=tok.pad_token_id)
