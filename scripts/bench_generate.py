@@ -3,16 +3,19 @@
     python scripts/bench_generate.py [--sizes tiny small] [--batch 64] [--new 128] [--threads 2]
 
 Fixed-length decoding (no stop token), temperature 1, the same weights in both, one process.
+The two samplers take turns (--rounds, each the best of --repeats runs) and each keeps its
+fastest time; every round's ratio is printed too, so the machine's noise is visible.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+from typing import Callable
 
 import torch
 
-from nanopost.benchmark import bench_config, best_time, decode_kernel_floor, matmul_peak_flops
+from nanopost.benchmark import alternate_rounds, bench_config, best_time, decode_kernel_floor, matmul_peak_flops
 from nanopost.checkpoint import save_model
 from nanopost.generate import generate
 from nanopost.model import Transformer
@@ -25,7 +28,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=34)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per side per round (the best counts)")
+    ap.add_argument("--rounds", type=int, default=3, help="turns each side takes")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -43,22 +47,30 @@ def main() -> None:
         model = Transformer(bench_config(size)).eval()
         model.init_weights(generator=torch.Generator().manual_seed(0))
         gen = torch.Generator().manual_seed(0)
-        t_ours = best_time(
+        sides = {"nanopost": lambda: best_time(
             lambda: generate(model, prompts, max_new_tokens=args.new, temperature=1.0, generator=gen),
-            repeats=args.repeats,
-        )
+            repeats=args.repeats)}
+        # Timed in every round too: a millisecond-long measurement taken once can land in a slow spell.
+        sides["ceiling"] = lambda: decode_kernel_floor(model, args.batch, context=args.prompt_len + args.new // 2)
+        if not args.no_hf:
+            sides["transformers"] = transformers_timer(model, prompts, args)
+        times = alternate_rounds(sides, args.rounds)
+        t_ours = min(times["nanopost"])
         flops = n_tokens * model.flops_per_token(context=args.prompt_len + args.new // 2)
-        floor = args.new * decode_kernel_floor(model, args.batch, context=args.prompt_len + args.new // 2)
+        floor = args.new * min(times["ceiling"])
         line = (f"{size:6s} nanopost {n_tokens / t_ours:9.0f} tok/s  "
                 f"({flops / t_ours / peak:5.1%} of matmul peak; kernel-only ceiling {n_tokens / floor:6.0f} tok/s, "
                 f"reached {floor / t_ours:4.0%})")
         if not args.no_hf:
-            t_hf = time_transformers(model, prompts, args)
-            line += f" | transformers {n_tokens / t_hf:9.0f} tok/s | speed-up {t_hf / t_ours:4.2f}x"
+            t_hf = min(times["transformers"])
+            rounds = " ".join(f"{h / o:.2f}" for o, h in zip(times["nanopost"], times["transformers"]))
+            line += (f" | transformers {n_tokens / t_hf:9.0f} tok/s | speed-up {t_hf / t_ours:4.2f}x "
+                     f"(rounds: {rounds})")
         print(line, flush=True)
 
 
-def time_transformers(model: Transformer, prompts: list[list[int]], args) -> float:
+def transformers_timer(model: Transformer, prompts: list[list[int]], args) -> Callable[[], float]:
+    """A function timing transformers' generate() on a copy of model (best of args.repeats)."""
     import transformers
 
     with tempfile.TemporaryDirectory() as d:
@@ -76,7 +88,7 @@ def time_transformers(model: Transformer, prompts: list[list[int]], args) -> flo
             hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                         max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0, eos_token_id=None)
 
-    return best_time(run, repeats=args.repeats)
+    return lambda: best_time(run, repeats=args.repeats)
 
 
 if __name__ == "__main__":

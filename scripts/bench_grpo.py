@@ -1,6 +1,6 @@
 """GRPO step time: nanopost's train_grpo vs TRL's GRPOTrainer on the same random model and prompts.
 
-    python scripts/bench_grpo.py [--sizes tiny small] [--steps 5] [--warmup 1] [--threads 2] [--no-trl]
+    python scripts/bench_grpo.py [--sizes tiny small] [--steps 5] [--warmup 1] [--rounds 3] [--threads 2] [--no-trl]
 
 A step is 4 prompts x 8 completions of exactly 64 new tokens sampled at temperature 1 (no top-k,
 no top-p), scored by a seeded random reward (so no group's rewards all agree and nothing is
@@ -27,11 +27,15 @@ It is the only id the model has no row for, and no prompt contains it. Both side
 every completion has 64 tokens.
 
 Each framework runs in a process of its own, so their peak resident memory (VmHWM) does not
-mix; "imports" is that peak once the framework is imported, before any model is loaded. A step is timed from the end of the previous one; the first `warmup`
-steps are left out and medians are taken over the rest. Model FLOPs of a step are sampling +
+mix; "imports" is that peak once the framework is imported, before any model is loaded. A step is
+timed from the end of the previous one; the first `warmup` steps are left out and medians are
+taken over the rest. The two take turns (--rounds, a fresh process each), each side's report is
+its round of lowest median, and every round's ratio of medians is printed as well, so a slow
+spell of the machine cannot fall on one side only and the noise is visible. Model FLOPs of a step are sampling +
 reference forward + 3x forward for the update, over prompt + completion positions
 (nanopost.benchmark.grpo_step_flops); the fraction is of the fp32 matmul peak measured at the
-start of the run. nanopost's step is split with its own timers (time_generate, time_score,
+start of the run. nanopost computes each group's shared prompt once (SharedPrefix), so it runs
+fewer FLOPs than this count: its fraction measures the same work as TRL's, not its hardware use. nanopost's step is split with its own timers (time_generate, time_score,
 time_update in metrics.jsonl), the reference logprob pass inside `update_policy` timed by a
 stopwatch around its `sequence_logprobs` call.
 
@@ -55,8 +59,8 @@ from pathlib import Path
 
 import torch
 
-from nanopost.benchmark import (SIZES, bench_config, grpo_step_flops, matmul_peak_flops, peak_rss, random_chats,
-                                report_result, run_isolated)
+from nanopost.benchmark import (SIZES, alternate_rounds, bench_config, grpo_step_flops, matmul_peak_flops, peak_rss,
+                                random_chats, report_result, run_isolated)
 from nanopost.checkpoint import load_tokenizer, save_model
 from nanopost.data import load_rl, tokenize_prompt
 from nanopost.model import Transformer
@@ -75,6 +79,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(SIZES))
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side")
     ap.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before them")
+    ap.add_argument("--rounds", type=int, default=3, help="turns each side takes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
     ap.add_argument("--worker", choices=["nanopost", "trl"], help=argparse.SUPPRESS)
@@ -121,14 +126,20 @@ def main() -> None:
                 for i, (q, n) in enumerate(zip(questions, prompt_lengths)):
                     f.write(json.dumps({"prompt": q, "answer": "0", "id": i, "prompt_tokens": n}) + "\n")
 
-            ours = run_isolated(worker + ["--worker", "nanopost", "--dir", str(d)], env)
+            sides = {"nanopost": lambda: run_isolated(worker + ["--worker", "nanopost", "--dir", str(d)], env)}
+            if run_trl:
+                sides["trl"] = lambda: run_isolated(worker + ["--worker", "trl", "--dir", str(d)], env)
+            runs = alternate_rounds(sides, args.rounds)
+            ours = min(runs["nanopost"], key=lambda r: statistics.median(r["seconds"]))
             line = f"{size:6s} {model.num_params() / 1e6:6.1f}M | " + summary(model, ours, peak, 15)
             if run_trl:
-                theirs = run_isolated(worker + ["--worker", "trl", "--dir", str(d)], env)
-                if not theirs["same_prompt_ids"]:
+                if not all(r["same_prompt_ids"] for r in runs["trl"]):
                     print(f"{size}: TRL's chat template gave other prompt ids than nanopost's; the data differ")
+                theirs = min(runs["trl"], key=lambda r: statistics.median(r["seconds"]))
                 speed_up = statistics.median(theirs["seconds"]) / statistics.median(ours["seconds"])
-                line += " | " + summary(model, theirs, peak, 10) + f" | {speed_up:7.2f}x"
+                rounds = " ".join(f"{statistics.median(t['seconds']) / statistics.median(o['seconds']):.2f}"
+                                  for o, t in zip(runs["nanopost"], runs["trl"]))
+                line += " | " + summary(model, theirs, peak, 10) + f" | {speed_up:7.2f}x (rounds: {rounds})"
             print(line, flush=True)
             splits.append((size, ours))
 

@@ -1,6 +1,6 @@
 """SFT training throughput: nanopost vs TRL's SFTTrainer on the same random model and data.
 
-    python scripts/bench_sft.py [--sizes tiny small] [--steps 8] [--warmup 2] [--threads 2] [--no-trl]
+    python scripts/bench_sft.py [--sizes tiny small] [--steps 8] [--warmup 2] [--rounds 3] [--threads 2] [--no-trl]
 
 Both sides train in fp32 on the CPU, from the same weights, on the same ~100-token chats (a
 1024-token byte-level BPE, ChatML), with the loss on the assistant reply only, and AdamW with
@@ -19,7 +19,9 @@ lr 3e-4, weight decay 0.1, betas (0.9, 0.95), gradient clipping at 1.0, 8 exampl
 A token is a position that predicts a next token, padding excluded: an example of n ids counts
 n - 1 in both (TRL also feeds the n-th id, whose prediction trains nothing). A step is timed from
 the end of the previous one, so TRL's data collation and callbacks are inside it; the first
-`warmup` steps are left out, and tok/s and FLOP/s are those of the fastest timed step. Model FLOPs
+`warmup` steps are left out, and tok/s and FLOP/s are those of the fastest timed step over all
+rounds: the two sides take turns (--rounds), so a slow spell of the machine cannot fall on one
+side only, and each round's ratio of fastest steps is printed as well. Model FLOPs
 are 3x the forward FLOPs (see nanopost.benchmark.training_flops); the fraction is of the best
 fp32 matmul peak measured before each size, since other processes can only lower a measurement.
 
@@ -39,7 +41,8 @@ import time
 
 import torch
 
-from nanopost.benchmark import bench_config, document_lengths, matmul_peak_flops, random_chats, training_flops
+from nanopost.benchmark import (alternate_rounds, bench_config, document_lengths, matmul_peak_flops, random_chats,
+                                training_flops)
 from nanopost.checkpoint import save_model
 from nanopost.data import Batch, Example, pack_examples, tokenize_chat
 from nanopost.model import Transformer
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
+    ap.add_argument("--rounds", type=int, default=3, help="turns each side takes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
     args = ap.parse_args()
@@ -97,14 +101,19 @@ def main() -> None:
             if run_trl:  # saved before nanopost trains it, so that both start from the same weights
                 save_model(model, d)
                 tokenizer.save(d)
-            ours = time_nanopost(model, batches, args.warmup)
+            sides = {"nanopost": lambda: time_nanopost(model, batches, args.warmup)}
+            if run_trl:
+                sides["trl"] = lambda: time_trl(d, chats, examples, args.warmup)
+            runs = alternate_rounds(sides, args.rounds)
+            ours = [step for steps in runs["nanopost"] for step in steps]
             line = f"{size:6s} {model.num_params() / 1e6:6.1f}M {peak / 1e9:5.0f} | " + rates(model, ours, peak, 14)
             if run_trl:
-                theirs, same_ids = time_trl(d, chats, examples, args.warmup)
-                if not same_ids:
+                if not all(same for _, same in runs["trl"]):
                     print(f"{size}: TRL tokenised the chats differently from tokenize_chat; the data differ")
+                theirs = [step for steps, _ in runs["trl"] for step in steps]
                 line += " | " + rates(model, theirs, peak, 9)
-                line += f" | {speed_up(ours, theirs):7.2f}x"
+                rounds = " ".join(f"{speed_up(o, t):.2f}" for o, (t, _) in zip(runs["nanopost"], runs["trl"]))
+                line += f" | {speed_up(ours, theirs):7.2f}x (rounds: {rounds})"
         print(line, flush=True)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
