@@ -156,5 +156,5 @@ def generate(
         positions = positions + 1
     tokens[rows], logprobs[rows] = batch_tokens, batch_logprobs
     generated = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]
-    return Rollout(tokens=tokens.masked_fill_(~generated, pad_token_id), logprobs=logprobs.masked_fill_(~generated, 0.0),
-                   lengths=lengths, finished=finished)
+    return Rollout(tokens=tokens.masked_fill_(~generated, pad_token_id),
+                   logprobs=logprobs.masked_fill_(~generated, 0.0), lengths=lengths, finished=finished)

@@ -273,7 +273,8 @@ class _AfterPrefix:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pk, pv = self.kv[layer]
-        return torch.cat([pk.index_select(0, self.rows), k], dim=2), torch.cat([pv.index_select(0, self.rows), v], dim=2)
+        k = torch.cat([pk.index_select(0, self.rows), k], dim=2)
+        return k, torch.cat([pv.index_select(0, self.rows), v], dim=2)
 
 
 class Attention(nn.Module):
