@@ -426,8 +426,9 @@ class Transformer(nn.Module):
             # Decoding positions are below the cache size, so a table of them replaces the
             # per-step cos/sin with two lookups.
             if cache.rope is None:
-                cache.rope = self.rope(torch.arange(cache.max_len, device=device)[None], self.dtype)
-            rope = cache.rope[0][0, 0][positions][:, None], cache.rope[1][0, 0][positions][:, None]
+                cos, sin = self.rope(torch.arange(cache.max_len, device=device)[None], self.dtype)
+                cache.rope = cos[0, 0], sin[0, 0]  # [max_len, D]
+            rope = cache.rope[0][positions][:, None], cache.rope[1][positions][:, None]
         x = self._blocks(input_ids, positions, mask, cache, rope)
         if cache is not None:
             cache.length += T

@@ -273,29 +273,22 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> list[bool]:
 # ---------------------------------------------------------------- policy update
 
 
-def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torch.Tensor, mask: torch.Tensor,
-                      temperature: float, want_entropy: bool = False):
+def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torch.Tensor, temperature: float,
+                      want_entropy: bool = False):
     """log pi(token) at temperature for every completion token: [N, T] (and entropy [N, T]).
 
     Rows of one group share their prompt, so each distinct prompt runs through the model once and
-    its keys/values serve all of its rows (SharedPrefix). Otherwise the layout is [left-padded
-    prompt | completion | right padding], so completion logits sit at the same columns in every
-    row and the LM head runs only on those.
+    its keys/values serve all of its rows (SharedPrefix); the LM head runs on completion
+    positions only. Padding after a completion needs no mask: attention is causal, so no real
+    token sees it, and its own logprobs are masked out by the caller.
     """
     device = tokens.device
     distinct: dict[tuple[int, ...], int] = {}
     which = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    prompt_ids, prompt_mask = left_pad(list(distinct), 0, device)
+    prefix = SharedPrefix(prompt_ids, prompt_mask, torch.tensor(which, device=device))
     # Through forward(), not its parts: a DDP wrapper only synchronises what goes through forward.
-    if len(distinct) < len(prompts):
-        prompt_ids, prompt_mask = left_pad(list(distinct), 0, device)
-        prefix = SharedPrefix(prompt_ids, prompt_mask, torch.tensor(which, device=device))
-        logits = model(tokens[:, :-1], prefix=prefix)  # [N, T, V]: after the prompt, then after each token
-    else:
-        prompt_ids, prompt_mask = left_pad(prompts, 0, device)
-        P, T = prompt_ids.shape[1], tokens.shape[1]
-        ids = torch.cat([prompt_ids, tokens], dim=1)
-        attention = torch.cat([prompt_mask, mask.long()], dim=1)
-        logits = model(ids, attention_mask=attention, logits_slice=slice(P - 1, P + T - 1))  # [N, T, V]
+    logits = model(tokens[:, :-1], prefix=prefix)  # [N, T, V]: after the prompt, then after each token
     logp = token_logprobs(logits, tokens, temperature)
     entropy = None
     if want_entropy:
@@ -329,7 +322,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
         if todo:
             with torch.no_grad(), autocast(device, cfg.precision):
                 logp = sequence_logprobs(reference, [batch.prompts[i] for i in todo], batch.tokens[todo].to(device),
-                                         batch.mask[todo].to(device), temperature)[0].float()
+                                         temperature)[0].float()
             ref_rows.update(zip(todo, logp))
         t_ref += time.perf_counter() - t0
         return torch.stack([ref_rows[i] for i in rows])
@@ -358,8 +351,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
                 with distributed.sync_gradients(wrapped, m == n_micro - 1):
                     with autocast(device, cfg.precision):
                         logp, entropy = sequence_logprobs(wrapped, [batch.prompts[i] for i in rows],
-                                                          batch.tokens[r].to(device), batch.mask[r].to(device),
-                                                          temperature, want_entropy=True)
+                                                          batch.tokens[r].to(device), temperature, want_entropy=True)
                     loss, s = policy_loss(
                         logp.float(), batch.old_logprobs[r].to(device), advantages[r].to(device),
                         loss_mask[r].to(device), ref_logp=ref_logp, beta=cfg.beta, kl=cfg.kl,

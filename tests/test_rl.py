@@ -92,7 +92,7 @@ def test_dynamic_sampling_keeps_all_equal_groups_out_of_the_loss(task, tmp_path,
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-@pytest.mark.parametrize("group", [1, 3])  # 3: rows share their prompt, computed once (SharedPrefix)
+@pytest.mark.parametrize("group", [1, 3])  # 3: rows share their prompt, computed once
 def test_loss_logprobs_equal_the_samplers(task, temperature, group):
     ckpt, _ = task
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
@@ -102,7 +102,7 @@ def test_loss_logprobs_equal_the_samplers(task, temperature, group):
                    generator=torch.Generator().manual_seed(0), stop_token_ids=[tok.eos_token_id],
                    pad_token_id=tok.pad_token_id)
     with torch.no_grad():
-        logp, _ = sequence_logprobs(model, prompts, out.tokens, out.mask, temperature)
+        logp, _ = sequence_logprobs(model, prompts, out.tokens, temperature)
     assert torch.allclose(logp * out.mask, out.logprobs * out.mask, atol=1e-5)
 
 
