@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .model import KVCache, Transformer
+from .model import KVCache, SharedPrefix, Transformer
 
 
 @dataclass
@@ -48,6 +48,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
         ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
         mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]], device) -> SharedPrefix:
+    """The distinct prompts, left-padded in order of first appearance, and which one each row has."""
+    distinct: dict[tuple[int, ...], int] = {}
+    rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    ids, mask = left_pad(list(distinct), 0, device)  # prompt padding is masked, any valid id will do
+    return SharedPrefix(ids, mask, torch.tensor(rows, device=device))
 
 
 def sample_token(
@@ -109,16 +117,14 @@ def generate(
             f"it needs {len(prompts[longest]) + max_new_tokens} positions, but the model's context is {context}"
         )
     device = model.device
-    distinct: dict[tuple[int, ...], int] = {}
-    which = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-    ids, mask = left_pad(list(distinct), 0, device)  # prompt padding is masked, any valid id will do
-    P, B = ids.shape[1], len(prompts)
-    cache = KVCache(model.config, len(distinct), P + max_new_tokens, device, model.dtype)
-    logits = model(ids, attention_mask=mask, cache=cache, logits_slice=slice(-1, None))[:, -1]  # [U, V]
-    positions = mask.sum(-1, keepdim=True)  # [U, 1] next position of each row
-    if len(distinct) < B:
-        cache.keep(which)
-        logits, positions = logits[which], positions[which]
+    prefix = shared_prefix(prompts, device)
+    (U, P), B = prefix.ids.shape, len(prompts)
+    cache = KVCache(model.config, U, P + max_new_tokens, device, model.dtype)
+    logits = model(prefix.ids, attention_mask=prefix.mask, cache=cache, logits_slice=slice(-1, None))[:, -1]  # [U, V]
+    positions = prefix.mask.sum(-1, keepdim=True)  # [U, 1] next position of each row
+    if U < B:
+        cache.keep(prefix.rows)
+        logits, positions = logits[prefix.rows], positions[prefix.rows]
     stops = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
 
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)

@@ -302,7 +302,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
-        if mask is not None and mask.dtype not in (torch.bool, q.dtype):
+        if mask is not None and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)  # autocast: the additive mask follows the query's dtype
         if T == 1 and self.n_kv != self.n_heads:
             # Decoding: the query heads sharing a KV head become that head's queries, so K/V are

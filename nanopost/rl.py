@@ -52,11 +52,11 @@ from .checkpoint import load_model, load_tokenizer, save_model
 from .curriculum import PromptSampler, UniformSampler
 from .data import load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
-from .generate import generate, left_pad
+from .generate import generate, shared_prefix
 from .grpo import entropy_from_logits, group_advantages, policy_loss, token_logprobs
 from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import LiveMonitor, check_stop_on
-from .model import SharedPrefix, Transformer
+from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
@@ -282,13 +282,9 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torc
     positions only. Padding after a completion needs no mask: attention is causal, so no real
     token sees it, and its own logprobs are masked out by the caller.
     """
-    device = tokens.device
-    distinct: dict[tuple[int, ...], int] = {}
-    which = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-    prompt_ids, prompt_mask = left_pad(list(distinct), 0, device)
-    prefix = SharedPrefix(prompt_ids, prompt_mask, torch.tensor(which, device=device))
     # Through forward(), not its parts: a DDP wrapper only synchronises what goes through forward.
-    logits = model(tokens[:, :-1], prefix=prefix)  # [N, T, V]: after the prompt, then after each token
+    # Logits [N, T, V]: after the prompt, then after each completion token but the last.
+    logits = model(tokens[:, :-1], prefix=shared_prefix(prompts, tokens.device))
     logp = token_logprobs(logits, tokens, temperature)
     entropy = None
     if want_entropy:
