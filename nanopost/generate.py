@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from .decode import decoder
 from .model import KVCache, SharedPrefix, Transformer
 
 
@@ -117,6 +118,7 @@ def generate(
             f"it needs {len(prompts[longest]) + max_new_tokens} positions, but the model's context is {context}"
         )
     device = model.device
+    step = decoder(model)
     prefix = shared_prefix(prompts, device)
     (U, P), B = prefix.ids.shape, len(prompts)
     cache = KVCache(model.config, U, P + max_new_tokens, device, model.dtype)
@@ -158,7 +160,7 @@ def generate(
                     alive = alive[alive]
         if t + 1 == max_new_tokens:
             break
-        logits = model(tok[:, None], positions=positions, cache=cache)[:, -1]
+        logits = step(tok[:, None], positions, cache)
         positions = positions + 1
     tokens[rows], logprobs[rows] = batch_tokens, batch_logprobs
     generated = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]

@@ -1,0 +1,118 @@
+"""One decoding step of a Transformer, with its weights packed for it.
+
+A decoding step multiplies a few dozen rows, one token each, by every weight matrix. For the
+small models post-training experiments start from, that is a long chain of small kernels whose
+launch costs as much as their arithmetic. `PackedWeights` therefore copies each layer's weights
+into the layout a step wants: q/k/v as one matrix and gate/up as another, so a layer runs four
+matmuls instead of seven; every matrix stored [in, out], so each is a plain `x @ W`; residual
+additions folded into the matmuls (addmm); RoPE applied to queries and keys in one go.
+
+The math is Block.forward's with a KVCache and one token per row, and the norms are the model's
+own modules; only the order of some additions differs, by rounding. The weights are a snapshot:
+pack again after they change (`generate` packs at every call). The copy costs memory, so
+`decoder` packs only when it is small (PACK_LIMIT_BYTES); larger models, whose matmuls dominate
+a step anyway, decode through the model's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .model import KVCache, Transformer, apply_rope
+
+PACK_LIMIT_BYTES = 1 << 30
+
+
+@dataclass
+class _Layer:
+    qkv: torch.Tensor  # [hidden, (H + 2 KV) D]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [H D, hidden]
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # [hidden, 2 I]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [I, hidden]
+    down_bias: torch.Tensor | None
+
+
+def _pack(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The linears' weights side by side as one [in, sum of out] matrix, and their biases."""
+    weight = torch.cat([lin.weight for lin in linears]).t().contiguous()
+    bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    return weight, bias
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None):
+    """residual + x @ weight + bias, the parts that are there, in as few kernels as may be."""
+    if residual is None:
+        return x @ weight if bias is None else torch.addmm(bias, x, weight)
+    out = torch.addmm(residual, x, weight)
+    return out if bias is None else out + bias
+
+
+class PackedWeights:
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.layers = []
+        with torch.no_grad():
+            for block in model.model.layers:
+                a, m = block.self_attn, block.mlp
+                self.layers.append(_Layer(*_pack(a.q_proj, a.k_proj, a.v_proj), *_pack(a.o_proj),
+                                          *_pack(m.gate_proj, m.up_proj), *_pack(m.down_proj)))
+
+    @staticmethod
+    def size(model: Transformer) -> int | None:
+        """Bytes a packed copy of model takes (its blocks' weights), or None when they are not
+        plain tensors: sharded weights are packed by no one."""
+        params = list(model.model.layers.parameters())
+        if any(type(p.data) is not torch.Tensor for p in params):
+            return None
+        return sum(p.numel() * p.element_size() for p in params)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, vocab] after tokens [B, 1] at positions [B, 1], appended to a cache that a
+        forward pass of the model has prefilled (which also made its RoPE table)."""
+        model, cfg = self.model, self.model.config
+        B = tokens.shape[0]
+        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        s = cache.length
+        if s + 1 > cache.max_len:
+            raise ValueError(f"KV cache overflow: {s + 1} positions > cache size {cache.max_len}")
+        x = model.model.embed_tokens(tokens)[:, 0]  # [B, hidden]
+        cos, sin = cache.rope[0][positions], cache.rope[1][positions]  # [B, 1, D]
+        keys = cache.valid[:, : s + 1]
+        mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill_(~keys, float("-inf"))
+        mask = mask[:, None, None, :]  # [B, 1, 1, S]
+        for i, (block, w) in enumerate(zip(model.model.layers, self.layers)):
+            attn = block.self_attn
+            qkv = _matmul(block.input_layernorm(x), w.qkv, w.qkv_bias)  # [B, (H + 2 KV) D]
+            if cfg.qk_norm:
+                q = apply_rope(attn.q_norm(qkv[:, : H * D].view(B, H, D)), cos, sin)
+                k = apply_rope(attn.k_norm(qkv[:, H * D : (H + KV) * D].view(B, KV, D)), cos, sin)
+            else:  # queries and keys side by side: one rotation for both
+                qk = apply_rope(qkv[:, : (H + KV) * D].view(B, H + KV, D), cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
+            cache.k[i, :, :, s] = k
+            cache.v[i, :, :, s] = qkv[:, (H + KV) * D :].view(B, KV, D)
+            # The query heads sharing a KV head act as that head's queries: K/V are read once.
+            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), cache.k[i, :, :, : s + 1],
+                                               cache.v[i, :, :, : s + 1], attn_mask=mask)
+            x = _matmul(y.reshape(B, H * D), w.o, w.o_bias, residual=x)
+            gate, up = _matmul(block.post_attention_layernorm(x), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+            x = _matmul(F.silu(gate) * up, w.down, w.down_bias, residual=x)
+        cache.length += 1
+        return model.lm_head(model.model.norm(x))
+
+
+def decoder(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]:
+    """A function (tokens [B, 1], positions [B, 1], cache) -> logits [B, vocab] for decoding:
+    through packed weights when their copy is at most PACK_LIMIT_BYTES, else the model's forward."""
+    size = PackedWeights.size(model)
+    if size is not None and size <= PACK_LIMIT_BYTES:
+        return PackedWeights(model).step
+    return lambda tokens, positions, cache: model(tokens, positions=positions, cache=cache)[:, -1]
