@@ -183,6 +183,32 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
+class _RMSNorm(torch.autograd.Function):
+    """y = x / rms(x) * w in float32, with the backward written out.
+
+    Autograd of the composite (F.rms_norm is one on the CPU too) records each of its steps and
+    replays them backwards, about twice the kernels of the closed form below; on a small model
+    that is ~8% of a training step. With x̂ = x·r, r = 1/sqrt(mean(x²) + eps) and g = dy·w:
+        dx = r · (g − x̂ · mean(g · x̂)),    dw = Σ_rows dy · x̂.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [..., 1]
+        x_hat = x * r
+        ctx.save_for_backward(x_hat, r, weight)
+        return x_hat * weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x_hat, r, weight = ctx.saved_tensors
+        dw = (dy * x_hat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        g = dy * weight
+        dx = torch.addcmul(g, x_hat, (g * x_hat).mean(-1, keepdim=True), value=-1).mul_(r)
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -190,8 +216,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return _RMSNorm.apply(x, self.weight, self.eps)
         # Lower precision: normalise in fp32 and cast back before the weight, as the reference does.
         dtype = x.dtype
         x = x.float()

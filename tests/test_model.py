@@ -5,7 +5,7 @@ import torch
 
 from hf_reference import CONFIGS, hf_model, nano_config
 from nanopost.checkpoint import load_model
-from nanopost.model import KVCache, ModelConfig, SharedPrefix, Transformer, rope_inv_freq
+from nanopost.model import KVCache, ModelConfig, SharedPrefix, Transformer, _RMSNorm, rope_inv_freq
 
 TOL = 1e-4
 
@@ -37,6 +37,31 @@ def test_logits_match_transformers_with_padding(pair):
         out = ours(ids, attention_mask=mask)
     real = mask.bool()
     assert (ref - out)[real].abs().max().item() < TOL
+
+
+def test_gradients_match_transformers_with_padding(pair):
+    hf, ours = pair
+    ids, mask = padded_batch(ours.config.vocab_size, seed=2)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    probe = torch.randn(*ids.shape, ours.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    probe = probe * mask[..., None]  # padding positions carry no gradient
+    (hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits * probe).sum().backward()
+    (ours(ids, attention_mask=mask) * probe).sum().backward()
+    theirs = dict(hf.named_parameters())
+    try:
+        for name, p in ours.named_parameters():
+            ref = theirs[name].grad
+            assert (p.grad - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6, name
+    finally:
+        hf.zero_grad(set_to_none=True)
+        ours.zero_grad(set_to_none=True)
+
+
+def test_rms_norm_backward_is_the_derivative_of_its_forward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x, w))
 
 
 def test_padding_does_not_change_real_tokens(pair):
