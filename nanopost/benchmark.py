@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from .data import PAD_SEGMENT
+from .decode import PackedWeights
 from .model import ModelConfig, Transformer
 
 # The two model sizes every benchmark uses (Qwen2-style, random init).
@@ -71,18 +72,19 @@ def matmul_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, device:
 def decode_kernel_floor(model: Transformer, batch: int, context: int, repeats: int = 30) -> float:
     """Seconds per decoding step spent in the step's matmuls and attention kernels alone.
 
-    Every linear layer applied to `batch` rows, plus attention of one query per row over `context`
-    cached keys in each layer, timed kernel by kernel with nothing between them: no norms, RoPE,
-    residuals, cache writes, sampling or Python. Each layer reads keys and values of its own, as
-    a real cache has them: shared ones would stay in the CPU's cache and time memory traffic a
-    sampler cannot avoid as if it were free. No implementation built on these kernels can decode
-    faster, so this is the ceiling to hold a sampler's tokens/s against.
+    The packed step's matmuls (nanopost.decode: q/k/v, o, gate/up and down of every layer, then
+    the LM head) on `batch` rows, plus attention of one query per row over `context` cached keys
+    in each layer, timed kernel by kernel with nothing between them: no norms, RoPE, cache
+    writes, sampling or Python. Each layer reads keys and values of its own, as a real cache has
+    them: shared ones would stay in the CPU's cache and time memory traffic a sampler cannot
+    avoid as if it were free. No implementation built on these kernels can decode faster, so
+    this is the ceiling to hold a sampler's tokens/s against.
     """
     cfg = model.config
     heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=model.dtype, device=model.device)
-              for m in linears}
+    matrices = [m for layer in PackedWeights(model).layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    matrices.append(model.lm_head.weight.t())
+    inputs = {w.shape[0]: torch.randn(batch, w.shape[0], dtype=model.dtype, device=model.device) for w in matrices}
     q = torch.randn(batch, kv, heads // kv, d, dtype=model.dtype, device=model.device)
     shape = (cfg.num_hidden_layers, 2, batch, kv, context, d)
     cache = torch.randn(shape, dtype=model.dtype, device=model.device)  # keys and values of every layer
@@ -90,8 +92,8 @@ def decode_kernel_floor(model: Transformer, batch: int, context: int, repeats: i
 
     def step():
         with torch.no_grad():
-            for m in linears:
-                torch.nn.functional.linear(inputs[m.in_features], m.weight, m.bias)
+            for w in matrices:
+                inputs[w.shape[0]] @ w
             for k, v in cache:
                 torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 

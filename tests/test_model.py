@@ -5,7 +5,9 @@ import torch
 
 from hf_reference import CONFIGS, hf_model, nano_config
 from nanopost.checkpoint import load_model
-from nanopost.model import KVCache, ModelConfig, SharedPrefix, Transformer, _RMSNorm, rope_inv_freq
+import nanopost.model as model_module
+from nanopost.model import (KVCache, ModelConfig, SharedPrefix, Transformer, _RMSNorm, attention_by_matmul,
+                             rope_inv_freq)
 
 TOL = 1e-4
 
@@ -86,6 +88,46 @@ def test_kv_cached_decoding_equals_full_recomputation(pair):
             positions = positions + 1
     cached = torch.cat(steps, dim=1)
     assert (full - cached)[mask.bool()].abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("heads,kv,T,S,masked", [(4, 2, 7, 7, False), (4, 4, 5, 9, False), (6, 2, 4, 10, True)])
+def test_attention_by_matmul_equals_sdpa(heads, kv, T, S, masked):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, heads, T, 8, generator=g)
+    k, v = torch.randn(2, 3, kv, S, 8, generator=g)
+    visible = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None].repeat(3, 1, 1, 1)  # causal, queries last
+    if masked:
+        visible[1, :, :, :3] = False  # as left padding would
+    additive = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=heads != kv)
+    ours = attention_by_matmul(q, k, v, additive if masked else None)  # None: causal
+    assert (ours - expected).abs().max() < 1e-6
+
+
+def test_short_and_long_attention_paths_agree(monkeypatch):
+    model = Transformer(nano_config("qwen3-qknorm-headdim"))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    ids, mask = padded_batch(model.config.vocab_size)
+
+    def run():
+        out = model(ids, attention_mask=mask)
+        (out * mask[..., None]).square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    calls = []
+    by_matmul = model_module.attention_by_matmul
+    monkeypatch.setattr(model_module, "attention_by_matmul", lambda *args: calls.append(1) or by_matmul(*args))
+    short = run()
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setattr(model_module, "SCORES_PER_HEAD", 0)  # every attention through SDPA
+    flash = run()
+    assert len(calls) == model.config.num_hidden_layers
+    real = mask.bool()
+    assert (short[0] - flash[0])[real].abs().max() < 1e-5
+    for a, b in zip(short[1], flash[1]):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
 
 
 def test_packed_segments_do_not_attend_to_each_other():
