@@ -71,7 +71,7 @@ def sample_token(
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
+    logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)  # [B, V]
     allowed = logp
     if top_k and top_k < logp.shape[-1]:
         kth = logp.topk(top_k, dim=-1).values[:, -1:]

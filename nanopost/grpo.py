@@ -80,6 +80,7 @@ __all__ = [
     "masked_sum",
     "masked_mean",
     "token_logprobs",
+    "token_logprobs_and_entropy",
     "entropy_from_logits",
 ]
 
@@ -339,17 +340,27 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     Returns [N, T] in float32 (float64 for float64 logits), differentiable w.r.t. logits.
 
     Work is done in float32 a chunk of rows at a time, and the backward pass recomputes the
-    softmax from the logits instead of keeping a [N, T, V] copy: the only thing saved is the
-    log-normaliser [N, T]. A bf16 log-prob would be too coarse for the ratio π_θ/π_old.
+    softmax from the logits instead of keeping a [N, T, V] copy: nothing is saved but the
+    logits themselves. A bf16 log-prob would be too coarse for the ratio π_θ/π_old.
     """
+    _check_logits_args("token_logprobs", logits, tokens, temperature)
+    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), False)[0]
+
+
+def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """token_logprobs, and the entropy of softmax(logits / temperature) at each position from the
+    same pass over the logits. The entropy is monitored, not trained: it carries no gradient."""
+    _check_logits_args("token_logprobs_and_entropy", logits, tokens, temperature)
+    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), True)
+
+
+def _check_logits_args(where: str, logits: Tensor, tokens: Tensor, temperature: float) -> None:
     if temperature <= 0:
-        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature} (0 means greedy)")
+        raise ValueError(f"{where}: temperature must be > 0, got {temperature} (0 means greedy)")
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
         raise ValueError(
-            f"token_logprobs: need logits [N, T, V] and tokens [N, T], got {tuple(logits.shape)} "
-            f"and {tuple(tokens.shape)}"
+            f"{where}: need logits [N, T, V] and tokens [N, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
         )
-    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature))
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -377,42 +388,55 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """Gathered log-softmax whose backward recomputes the softmax chunk by chunk.
+    """Gathered log-softmax (and, if asked, the entropy) whose backward recomputes the softmax
+    chunk by chunk. Each is one fused kernel: a log-softmax pass per chunk forwards, a softmax
+    pass backwards.
 
     d logp_r / d logits_r,v = (1[v = token_r] − softmax_r,v) / temperature.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool):
         rows = _rows_view(logits)
         tokens = tokens.reshape(rows.shape[:2])
         out_dtype = _float_dtype(logits)
         logp = torch.empty(rows.shape[:2], dtype=out_dtype, device=logits.device)
-        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if want_entropy else logp.new_empty(0)
         for i, t0, t1 in _position_chunks(rows):
-            x = rows[i, t0:t1].to(out_dtype) / temperature  # [c, V]
-            lse[i, t0:t1] = torch.logsumexp(x, dim=-1)
-            picked = x.gather(-1, tokens[i, t0:t1].unsqueeze(-1)).squeeze(-1)
-            logp[i, t0:t1] = picked - lse[i, t0:t1]
-        ctx.save_for_backward(logits, tokens, lse)
+            log_probs = torch.log_softmax(_tempered(rows[i, t0:t1], out_dtype, temperature), dim=-1)  # [c, V]
+            logp[i, t0:t1] = log_probs.gather(-1, tokens[i, t0:t1].unsqueeze(-1)).squeeze(-1)
+            if want_entropy:
+                entropy[i, t0:t1] = (log_probs.exp() * log_probs).sum(-1).neg_()
+        ctx.save_for_backward(logits, tokens)
         ctx.temperature = temperature
-        return logp.view(logits.shape[:2])
+        entropy = entropy.view(logits.shape[:2]) if want_entropy else entropy
+        ctx.mark_non_differentiable(entropy)
+        return logp.view(logits.shape[:2]), entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp: Tensor):
-        logits, tokens, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
+        logits, tokens = ctx.saved_tensors
         temperature = ctx.temperature
         rows = _rows_view(logits)
-        grad = torch.empty_like(rows)
         grad_logp = grad_logp.reshape(rows.shape[:2])
-        for i, t0, t1 in _position_chunks(rows):
-            x = rows[i, t0:t1].to(lse.dtype) / temperature
-            g = grad_logp[i, t0:t1].unsqueeze(-1)  # [c, 1]
-            piece = torch.exp(x - lse[i, t0:t1].unsqueeze(-1)).mul_(-g)  # −g·softmax
+        chunks = list(_position_chunks(rows))
+        grad = torch.empty_like(rows) if len(chunks) > 1 else None
+        for i, t0, t1 in chunks:
+            g = grad_logp[i, t0:t1].unsqueeze(-1).to(_float_dtype(logits))  # [c, 1]
+            piece = torch.softmax(_tempered(rows[i, t0:t1], g.dtype, temperature), dim=-1).mul_(-g)  # −g·softmax
             piece.scatter_add_(-1, tokens[i, t0:t1].unsqueeze(-1), g)  # + g at the token
-            grad[i, t0:t1] = piece.div_(temperature)
-        return grad.view(logits.shape), None, None
+            if temperature != 1.0:
+                piece.div_(temperature)
+            if grad is None:  # one chunk: it is the whole gradient
+                return piece.to(logits.dtype).view(logits.shape), None, None, None
+            grad[i, t0:t1] = piece
+        return grad.view(logits.shape), None, None, None
+
+
+def _tempered(x: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    x = x.to(dtype)
+    return x if temperature == 1.0 else x / temperature
 
 
 def _float_dtype(logits: Tensor) -> torch.dtype:

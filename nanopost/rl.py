@@ -53,7 +53,7 @@ from .curriculum import PromptSampler, UniformSampler
 from .data import load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
-from .grpo import entropy_from_logits, group_advantages, policy_loss, token_logprobs
+from .grpo import group_advantages, policy_loss, token_logprobs, token_logprobs_and_entropy
 from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import LiveMonitor, check_stop_on
 from .model import Transformer
@@ -285,12 +285,9 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torc
     # Through forward(), not its parts: a DDP wrapper only synchronises what goes through forward.
     # Logits [N, T, V]: after the prompt, then after each completion token but the last.
     logits = model(tokens[:, :-1], prefix=shared_prefix(prompts, tokens.device))
-    logp = token_logprobs(logits, tokens, temperature)
-    entropy = None
     if want_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach(), temperature)
-    return logp, entropy
+        return token_logprobs_and_entropy(logits, tokens, temperature)
+    return token_logprobs(logits, tokens, temperature), None
 
 
 def update_policy(policy: Transformer, reference: Transformer | None, optimizer, batch: Rollouts,

@@ -14,6 +14,7 @@ from nanopost.grpo import (
     masked_sum,
     policy_loss,
     token_logprobs,
+    token_logprobs_and_entropy,
 )
 
 LN2 = math.log(2.0)
@@ -453,6 +454,24 @@ def test_entropy_matches_direct_computation(temperature, monkeypatch):
     close(entropy_from_logits(logits, temperature), -(p * torch.log(p)).sum(-1), atol=1e-12)
     # a uniform distribution over 11 words has entropy ln 11
     close(entropy_from_logits(torch.zeros(1, 1, 11)), [[math.log(11)]], atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [22, 1 << 24])  # chunks straddling rows; one chunk for everything
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions(chunk, temperature, monkeypatch):
+    monkeypatch.setattr(grpo, "_CHUNK_ELEMENTS", chunk)
+    logits, tokens, _, _ = _random_batch(9, n=3, length=5, vocab=11)
+    logits.requires_grad_()
+    logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
+    close(logp, token_logprobs(logits, tokens, temperature), atol=1e-12)
+    close(entropy, entropy_from_logits(logits.detach(), temperature), atol=1e-12)
+    assert not entropy.requires_grad
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((logp * weights).sum(), logits)
+    want = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), logits)
+    close(g_got, g_want, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: token_logprobs_and_entropy(z, tokens, temperature)[0], (logits,))
 
 
 def test_temperature_zero_is_rejected():
