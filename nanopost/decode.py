@@ -5,7 +5,8 @@ small models post-training experiments start from, that is a long chain of small
 launch costs as much as their arithmetic. `PackedWeights` therefore copies each layer's weights
 into the layout a step wants: q/k/v as one matrix and gate/up as another, so a layer runs four
 matmuls instead of seven; every matrix stored [in, out], so each is a plain `x @ W`; residual
-additions folded into the matmuls (addmm); RoPE applied to queries and keys in one go.
+additions folded into the matmuls (addmm); RoPE turns queries and keys in one go (unless
+they have norms of their own, as in Qwen3).
 
 The math is Block.forward's with a KVCache and one token per row, and the norms are the model's
 own modules; only the order of some additions differs, by rounding. The weights are a snapshot:
