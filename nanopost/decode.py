@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .model import KVCache, Transformer, apply_rope
+from .model import KVCache, Transformer, additive_mask, apply_rope
 
 PACK_LIMIT_BYTES = 1 << 30
 
@@ -86,9 +86,7 @@ class PackedWeights:
             raise ValueError(f"KV cache overflow: {s + 1} positions > cache size {cache.max_len}")
         x = model.model.embed_tokens(tokens)[:, 0]  # [B, hidden]
         cos, sin = cache.rope[0][positions], cache.rope[1][positions]  # [B, 1, D]
-        keys = cache.valid[:, : s + 1]
-        mask = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill_(~keys, float("-inf"))
-        mask = mask[:, None, None, :]  # [B, 1, 1, S]
+        mask = additive_mask(cache.valid[:, None, None, : s + 1], x.dtype)  # [B, 1, 1, S]
         for i, (block, w) in enumerate(zip(model.model.layers, self.layers)):
             attn = block.self_attn
             qkv = _matmul(block.input_layernorm(x), w.qkv, w.qkv_bias)  # [B, (H + 2 KV) D]

@@ -183,6 +183,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = may attend) as 0 / -inf: attention turns a boolean mask
+    into an additive one on every call, so a forward converts it once for all its layers."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class _RMSNorm(torch.autograd.Function):
     """y = x / rms(x) * w in float32, with the backward written out.
 
@@ -496,8 +502,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope if rope is not None else self.rope(positions, x.dtype)
         if mask is not None:
-            # SDPA turns a boolean mask into an additive one on every call; once per forward will do.
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+            mask = additive_mask(mask, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
         return x
