@@ -223,7 +223,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return _RMSNorm.apply(x, self.weight, self.eps)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNorm.apply(x, self.weight, self.eps)
+            # Same values, bit for bit, without the cost of an autograd Function (~40 us a call).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Lower precision: normalise in fp32 and cast back before the weight, as the reference does.
         dtype = x.dtype
         x = x.float()

@@ -6,7 +6,7 @@ import torch
 from hf_reference import CONFIGS, hf_model, nano_config
 from nanopost.checkpoint import load_model
 import nanopost.model as model_module
-from nanopost.model import (KVCache, ModelConfig, SharedPrefix, Transformer, _RMSNorm, attention_by_matmul,
+from nanopost.model import (KVCache, ModelConfig, RMSNorm, SharedPrefix, Transformer, _RMSNorm, attention_by_matmul,
                              rope_inv_freq)
 
 TOL = 1e-4
@@ -64,6 +64,21 @@ def test_rms_norm_backward_is_the_derivative_of_its_forward():
     x = torch.randn(3, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x, w))
+
+
+def test_rms_norm_without_gradients_gives_the_same_values_and_keeps_them_when_needed():
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(16, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g))
+    x = torch.randn(4, 7, 16, generator=g)
+    with torch.no_grad():
+        fast = norm(x)
+    assert torch.equal(fast, _RMSNorm.apply(x, norm.weight, 1e-6))
+    assert norm(x).grad_fn is not None  # the weight trains
+    norm.weight.requires_grad_(False)
+    assert norm(x).grad_fn is None
+    assert norm(x.requires_grad_()).grad_fn is not None  # a frozen norm still passes gradients on
 
 
 def test_padding_does_not_change_real_tokens(pair):
