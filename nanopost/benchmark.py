@@ -100,6 +100,37 @@ def decode_kernel_floor(model: Transformer, batch: int, context: int, repeats: i
     return best_time(step, repeats=repeats, warmup=3)
 
 
+Shape = tuple[int, int]
+
+
+def training_matmuls(model: Transformer, positions: int, loss_tokens: int) -> list[tuple[Shape, Shape]]:
+    """Operand shapes of the linear layers' matmuls in one forward and backward pass over
+    `positions` positions, with the LM head at `loss_tokens` of them (logits are computed where
+    the loss is). Each layer takes three: the forward x·Wᵀ, the input's gradient dy·W and the
+    weight's dyᵀ·x. Attention's matmuls are left out, so the list is the least work training
+    can do."""
+    shapes = []
+    linears = [(m, positions) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    for linear, n in linears + [(model.lm_head, loss_tokens)]:
+        out, inp = linear.weight.shape
+        shapes += [((n, inp), (inp, out)), ((n, out), (out, inp)), ((out, n), (n, inp))]
+    return shapes
+
+
+def training_matmul_floor(model: Transformer, positions: int, loss_tokens: int, repeats: int = 3) -> float:
+    """Seconds the matmuls of `training_matmuls` take run back to back, with nothing between
+    them: a ceiling no training step built on these kernels can pass, whatever it fuses."""
+    operands = [(torch.randn(a, dtype=model.dtype, device=model.device),
+                 torch.randn(b, dtype=model.dtype, device=model.device))
+                for a, b in training_matmuls(model, positions, loss_tokens)]
+
+    def run():
+        for a, b in operands:
+            a @ b
+
+    return best_time(run, repeats=repeats, warmup=1)
+
+
 # Pseudo-words from two-letter syllables: a 1024-token BPE learns most of them whole, so a
 # sentence of k words is about k + 1 tokens, and the lengths of the chats are predictable.
 _SYLLABLES = "ka lo mi ne ru sa to vi be da fo gu hi ja ke li mo nu pa qe ri so tu we xo yi za".split()

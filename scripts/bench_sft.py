@@ -25,6 +25,12 @@ side only, and each round's ratio of fastest steps is printed as well. Model FLO
 are 3x the forward FLOPs (see nanopost.benchmark.training_flops); the fraction is of the best
 fp32 matmul peak measured before each size, since other processes can only lower a measurement.
 
+The ceiling column times, for each timed batch, the matmuls of its linear layers alone
+(nanopost.benchmark.training_matmul_floor: forward, input gradient and weight gradient of every
+linear, the LM head at the loss tokens only), taking turns with the two sides like a third one.
+No attention, norm, loss or optimizer is in it, so no implementation on these kernels can train
+faster; 'reached' is nanopost's tokens/s as a share of it.
+
 Each side keeps its own AdamW implementation, as a user of either would get it: make_optimizer's
 for nanopost, the Trainer's default `optim` for TRL (adamw_torch_fused with torch >= 2.8).
 """
@@ -42,7 +48,7 @@ import time
 import torch
 
 from nanopost.benchmark import (alternate_rounds, bench_config, document_lengths, matmul_peak_flops, random_chats,
-                                training_flops)
+                                training_flops, training_matmul_floor)
 from nanopost.checkpoint import save_model
 from nanopost.data import Batch, Example, pack_examples, tokenize_chat
 from nanopost.model import Transformer
@@ -87,7 +93,11 @@ def main() -> None:
     print(f"timed: {args.steps} steps after {args.warmup} warmup; tokens: non-padding positions with a target")
     print("peak: fp32 matmul GFLOP/s, the best measured so far (other processes only ever lower it)")
     print()
+    print("ceiling: the linear layers' matmuls of each timed batch alone, back to back (no attention, norms,")
+    print("         loss or optimizer): what no step built on these kernels can pass; 'reached' is nanopost's share")
+    print()
     header = f"{'size':6s} {'params':>7s} {'peak':>5s} | {'nanopost tok/s':>14s} {'of peak':>7s}"
+    header += f" | {'ceiling':>7s} {'reached':>7s}"
     if run_trl:
         header += f" | {'TRL tok/s':>9s} {'of peak':>7s} | speed-up"
     print(header, flush=True)
@@ -101,12 +111,15 @@ def main() -> None:
             if run_trl:  # saved before nanopost trains it, so that both start from the same weights
                 save_model(model, d)
                 tokenizer.save(d)
-            sides = {"nanopost": lambda: time_nanopost(model, batches, args.warmup)}
+            sides = {"nanopost": lambda: time_nanopost(model, batches, args.warmup),
+                     "ceiling": lambda: matmul_ceiling(model, batches[args.warmup:])}
             if run_trl:
                 sides["trl"] = lambda: time_trl(d, chats, examples, args.warmup)
             runs = alternate_rounds(sides, args.rounds)
             ours = [step for steps in runs["nanopost"] for step in steps]
             line = f"{size:6s} {model.num_params() / 1e6:6.1f}M {peak / 1e9:5.0f} | " + rates(model, ours, peak, 14)
+            ceiling = best_step([step for steps in runs["ceiling"] for step in steps])
+            line += f" | {sum(ceiling[1]) / ceiling[0]:7.0f} {speed_up(ours, [ceiling]):7.0%}"
             if run_trl:
                 if not all(same for _, same in runs["trl"]):
                     print(f"{size}: TRL tokenised the chats differently from tokenize_chat; the data differ")
@@ -146,6 +159,14 @@ def time_nanopost(model: Transformer, batches: list[Batch], warmup: int) -> list
         optimizer.zero_grad(set_to_none=True)
         steps.append((time.perf_counter() - t0, document_lengths(batch.segment_ids)))
     return steps[warmup:]
+
+
+def matmul_ceiling(model: Transformer, batches: list[Batch]) -> list[Step]:
+    steps = []
+    for batch in batches:
+        lengths = document_lengths(batch.segment_ids)
+        steps.append((training_matmul_floor(model, sum(lengths), batch.num_loss_tokens, repeats=2), lengths))
+    return steps
 
 
 def time_trl(model_dir: str, chats: list[list[dict]], examples: list[Example], warmup: int) -> tuple[list[Step], bool]:

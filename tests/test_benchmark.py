@@ -1,6 +1,7 @@
 """Benchmark helpers whose mistakes would bias a comparison."""
 
-from nanopost.benchmark import alternate_rounds
+from nanopost.benchmark import alternate_rounds, bench_config, training_matmul_floor, training_matmuls
+from nanopost.model import Transformer
 
 
 def test_alternate_rounds_turns_the_order_each_round():
@@ -9,3 +10,20 @@ def test_alternate_rounds_turns_the_order_each_round():
     results = alternate_rounds(sides, rounds=3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert results == {"a": [1, 4, 5], "b": [2, 3, 6]}
+
+
+def test_training_matmuls_are_three_per_linear_with_the_lm_head_at_the_loss_tokens_only():
+    cfg = bench_config("tiny")
+    model = Transformer(cfg)
+    n, loss = 37, 11
+    shapes = training_matmuls(model, n, loss)
+    flops = sum(2 * a[0] * a[1] * b[1] for a, b in shapes)
+    for a, b in shapes:
+        assert a[1] == b[0]
+    h, d = cfg.hidden_size, cfg.head_dim
+    per_layer = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d + cfg.num_attention_heads * d * h
+    per_layer += 3 * h * cfg.intermediate_size
+    expected = 3 * 2 * (n * cfg.num_hidden_layers * per_layer + loss * h * cfg.vocab_size)
+    assert len(shapes) == 3 * (7 * cfg.num_hidden_layers + 1)
+    assert flops == expected
+    assert training_matmul_floor(model, n, loss, repeats=1) > 0
