@@ -30,9 +30,10 @@ from .model import Transformer
 from .runtime import pick_device
 
 try:  # FSDP2 is public from torch 2.6
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 except ImportError:  # pragma: no cover
-    FSDPModule = fully_shard = None
+    FSDPModule = fully_shard = init_device_mesh = None
 
 T = TypeVar("T")
 
@@ -145,10 +146,12 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool = False) -> nn.Module:
     if fsdp:
         if fully_shard is None:
             raise ValueError(f"--fsdp needs torch >= 2.6 (this is {torch.__version__})")
+        # fully_shard's default mesh is CUDA whenever a GPU exists, even for CPU ranks.
+        mesh = init_device_mesh(d.device.type, (d.world,))
         # One unit per block: its weights are gathered just before its forward and freed after.
         for block in model.model.layers:
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     # RoPE tables are the only buffers and are computed identically everywhere: no per-forward
     # broadcast (the flag was renamed in torch 2.13).
     ddp = nn.parallel.DistributedDataParallel
