@@ -43,7 +43,7 @@ def inject_failure(module, name: str, rank: int, at_call: int) -> None:
 
     def failing(*args, **kwargs):
         calls[0] += 1
-        if distributed.setup().rank == rank and calls[0] == at_call:
+        if distributed.setup("cpu").rank == rank and calls[0] == at_call:
             raise RuntimeError(f"injected failure on rank {rank} at step {at_call}")
         return real(*args, **kwargs)
 
@@ -97,7 +97,7 @@ def main() -> None:
         # A learnability curriculum: its pass-rate statistics must stay the same on every rank.
         sampler = CurriculumSampler(load_rl(cfg.train), total_steps=cfg.steps, mode="learnability", seed=cfg.seed)
         rl.train_grpo(cfg, sampler=sampler, extra_rewards={"sevens": sevens})
-        states = distributed.setup().gather(json.dumps(sampler.state_dict(), sort_keys=True))
+        states = distributed.setup("cpu").gather(json.dumps(sampler.state_dict(), sort_keys=True))
         if len(set(states)) != 1:
             raise RuntimeError("curriculum statistics differ between ranks")
     else:

@@ -1,4 +1,4 @@
-"""Data parallel under torchrun (gloo, 2 CPU processes): same update as one process, exact resume,
+"""Data parallel under torchrun (gloo, 2 CPU processes, also on a machine with one GPU): same update as one process, exact resume,
 a crashing rank ends the job cleanly, only rank 0 writes."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def write_config(path: Path, cfg) -> Path:
 
 def sft_args(task, out: Path, **kw) -> dict:
     return {"model": str(task["model"]), "train": str(task["train"]), "out": str(out), "max_len": 64,
-            "batch_rows": 4, "lr": 3e-3, "warmup_steps": 0, "eval_every": 0, "log_every": 1, **kw}
+            "batch_rows": 4, "lr": 3e-3, "warmup_steps": 0, "eval_every": 0, "log_every": 1, "device": "cpu", **kw}
 
 
 def test_sft_two_processes_make_the_one_process_update(task, tmp_path):
@@ -143,7 +143,7 @@ UPDATES = {  # each a different way of splitting rows over 2 ranks
 @pytest.mark.parametrize("name", list(UPDATES))
 def test_grpo_update_two_processes_equal_one(task, tmp_path, name):
     cfg = dict(model=str(task["model"]), train=str(task["rl"]), rewards={"length": 1.0}, max_new_tokens=12,
-               lr=0.1, temperature=1.0, **UPDATES[name])
+               lr=0.1, temperature=1.0, device="cpu", **UPDATES[name])
     torchrun(2, WORKER, "update", write_config(tmp_path / "cfg.json", cfg), tmp_path / "two")
     dist_worker.one_update(GRPOConfig(**cfg), tmp_path / "one")
 
@@ -162,7 +162,7 @@ def test_grpo_two_processes_resume_exactly_after_a_crash(task, tmp_path, fsdp):
         cfg = dict(model=str(task["model"]), train=str(task["rl"]), out=str(out), rewards={"sevens": 1.0},
                    steps=4, prompts_per_step=3, group_size=4, max_new_tokens=12, lr=3e-3, beta=0.04,
                    ref_reset_every=3, dynamic_sampling="refill", save_every=2, eval_every=2,
-                   val=str(task["rl"]), eval_samples=5, fsdp=fsdp, **kw)
+                   val=str(task["rl"]), eval_samples=5, fsdp=fsdp, device="cpu", **kw)
         return write_config(out.with_suffix(".json"), cfg)
 
     torchrun(2, WORKER, "grpo", grpo_config(tmp_path / "straight"))
