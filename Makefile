@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-cuda bench venv clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(VENV)/.demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
+
+# The model, sampler and training loops on a GPU (fails without one): make test-cuda TORCH_SPEC=torch
+test-cuda: $(VENV)/.test
+	$(PY) -m pytest -q tests/cuda_checks.py
 
 bench: $(VENV)/.bench
 	$(PY) scripts/bench_generate.py

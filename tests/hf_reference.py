@@ -72,3 +72,13 @@ def random_nano_model(name: str, seed: int = 0) -> Transformer:
             if n.endswith("norm.weight") or n.endswith("bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)))
     return model.eval()
+
+
+def padded_batch(vocab: int, seed: int = 0):
+    """Three rows of length 20 with 0, 5 and 11 left-pad tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 20), generator=g)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    return ids, mask

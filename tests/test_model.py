@@ -3,23 +3,13 @@
 import pytest
 import torch
 
-from hf_reference import CONFIGS, hf_model, nano_config
+from hf_reference import CONFIGS, hf_model, nano_config, padded_batch
 from nanopost.checkpoint import load_model
 import nanopost.model as model_module
 from nanopost.model import (KVCache, ModelConfig, RMSNorm, SharedPrefix, Transformer, _RMSNorm, attention_by_matmul,
                              rope_inv_freq)
 
 TOL = 1e-4
-
-
-def padded_batch(vocab: int, seed: int = 0):
-    """Three rows of length 20 with 0, 5 and 11 left-pad tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (3, 20), generator=g)
-    mask = torch.ones(3, 20, dtype=torch.long)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    return ids, mask
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
