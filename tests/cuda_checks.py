@@ -17,7 +17,7 @@ from nanopost.rl import GRPOConfig, sequence_logprobs, train_grpo
 from nanopost.run_state import checkpoint_path
 from nanopost.runtime import autocast
 from nanopost.sft import SFTConfig, train_sft
-from tiny import larger_records, larger_task, split_pairs, write_jsonl
+from tiny import larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 DEVICE = torch.device(os.environ.get("NANOPOST_CHECK_DEVICE", "cuda"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -109,13 +109,8 @@ def test_sft_learns_and_its_checkpoint_loads_on_the_cpu(task, tmp_path):
 
 def test_grpo_raises_the_reward_and_its_first_ratios_are_near_one(task, tmp_path):
     ckpt, _, _ = task
-    records = [{"prompt": r["prompt"], "answer": r["completion"][len("<answer>"):-len("</answer>")]}
-               for r in larger_records(split_pairs()[0])]
+    records = larger_rl_records(split_pairs()[0])
     train = write_jsonl(records, tmp_path / "rl.jsonl")
-
-    def sevens(completion: str, sample: dict) -> float:
-        return 10 * completion.count("7") / max(len(completion), 1)
-
     cfg = GRPOConfig(model=str(ckpt), train=str(train), out=str(tmp_path / "run"), rewards={"sevens": 1.0},
                      steps=20, prompts_per_step=4, group_size=8, max_new_tokens=16, lr=3e-3, beta=0.04,
                      eval_every=0, log_every=1, device=DEVICE.type)
@@ -134,4 +129,4 @@ def test_grpo_raises_the_reward_and_its_first_ratios_are_near_one(task, tmp_path
         logp, _ = sequence_logprobs(model, prompts, out.tokens, 1.0)
     gap = ((logp.float() - out.logprobs) * out.mask).abs().max().item()
     print(f"\nmax |loss logprob - sampler logprob| on {DEVICE.type}: {gap:.2e}")
-    assert gap < 0.1
+    assert gap < 0.01  # 2.45e-3 measured on an H200 in bf16; ~5e-7 on the CPU in fp32

@@ -26,10 +26,7 @@ from nanopost.curriculum import CurriculumSampler  # noqa: E402
 from nanopost.data import load_rl, tokenize_prompt  # noqa: E402
 from nanopost.grpo import group_advantages  # noqa: E402
 from nanopost.prompts import PromptTemplate  # noqa: E402
-
-
-def sevens(completion: str, sample: dict) -> float:
-    return 10 * completion.count("7") / max(len(completion), 1)
+from tiny import sevens  # noqa: E402
 
 
 def length(completion: str, sample: dict) -> float:

@@ -20,7 +20,7 @@ from nanopost.metrics import read_metrics
 from nanopost.rl import GRPOConfig
 from nanopost.run_state import checkpoint_path, read_summary
 from nanopost.sft import SFTConfig, train_sft
-from tiny import larger_records, larger_task, split_pairs, write_jsonl
+from tiny import larger_rl_records, larger_task, split_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(dist_worker.__file__)
@@ -50,8 +50,7 @@ def assert_same(a: dict, b: dict, atol: float = 0.0, rtol: float = 0.0) -> None:
 def task(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     ckpt, train, val = larger_task(d)
-    rl_records = [{"prompt": r["prompt"], "answer": r["completion"][len("<answer>"):-len("</answer>")]}
-                  for r in larger_records(split_pairs()[0])]
+    rl_records = larger_rl_records(split_pairs()[0])
     return {"model": ckpt, "train": train, "val": val, "rl": write_jsonl(rl_records, d / "rl.jsonl")}
 
 

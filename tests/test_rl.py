@@ -9,12 +9,7 @@ from nanopost.generate import generate
 from nanopost.metrics import read_metrics
 from nanopost.rl import GRPOConfig, overlong_penalty, sequence_logprobs, train_grpo
 from nanopost.run_state import checkpoint_path
-from tiny import larger_records, larger_task, split_pairs, write_jsonl
-
-
-def sevens(completion: str, sample: dict) -> float:
-    """A dense toy reward: how much of the text is the digit 7."""
-    return 10 * completion.count("7") / max(len(completion), 1)
+from tiny import larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 
 def has_seven(completion: str, sample: dict) -> float:
@@ -25,9 +20,7 @@ def has_seven(completion: str, sample: dict) -> float:
 def task(tmp_path_factory):
     d = tmp_path_factory.mktemp("grpo")
     ckpt, _, _ = larger_task(d)
-    records = [{"prompt": r["prompt"], "answer": r["completion"][len("<answer>"):-len("</answer>")]}
-               for r in larger_records(split_pairs()[0])]
-    return ckpt, write_jsonl(records, d / "rl.jsonl")
+    return ckpt, write_jsonl(larger_rl_records(split_pairs()[0]), d / "rl.jsonl")
 
 
 def config(task, out, **kw) -> GRPOConfig:

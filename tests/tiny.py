@@ -19,6 +19,17 @@ def larger_records(pairs) -> list[dict]:
             for a, b in pairs]
 
 
+def larger_rl_records(pairs) -> list[dict]:
+    """The same task as prompt/answer records for GRPO."""
+    return [{"prompt": r["prompt"], "answer": r["completion"][len("<answer>"):-len("</answer>")]}
+            for r in larger_records(pairs)]
+
+
+def sevens(completion: str, sample: dict) -> float:
+    """A dense toy reward: how much of the text is the digit 7."""
+    return 10 * completion.count("7") / max(len(completion), 1)
+
+
 def split_pairs(seed: int = 0):
     pairs = [(a, b) for a in range(10) for b in range(10) if a != b]
     random.Random(seed).shuffle(pairs)
