@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, _scores_attention, fused_ok, rotate_pairs
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -189,32 +191,6 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-class _RMSNorm(torch.autograd.Function):
-    """y = x / rms(x) * w in float32, with the backward written out.
-
-    Autograd of the composite (F.rms_norm is one on the CPU too) records each of its steps and
-    replays them backwards, about twice the kernels of the closed form below; on a small model
-    that is ~8% of a training step. With x̂ = x·r, r = 1/sqrt(mean(x²) + eps) and g = dy·w:
-        dx = r · (g − x̂ · mean(g · x̂)),    dw = Σ_rows dy · x̂.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [..., 1]
-        x_hat = x * r
-        ctx.save_for_backward(x_hat, r, weight)
-        return x_hat * weight
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: torch.Tensor):
-        x_hat, r, weight = ctx.saved_tensors
-        dw = (dy * x_hat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        g = dy * weight
-        dx = torch.addcmul(g, x_hat, (g * x_hat).mean(-1, keepdim=True), value=-1).mul_(r)
-        return dx, dw, None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -224,7 +200,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                return _RMSNorm.apply(x, self.weight, self.eps)
+                return RMSNormFn.apply(x, self.weight, self.eps)
             # Same values, bit for bit, without the cost of an autograd Function (~40 us a call).
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Lower precision: normalise in fp32 and cast back before the weight, as the reference does.
@@ -235,9 +211,8 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}). `sin` carries the sign of the first half (see Transformer.rope),
-    so rotate_half(x) * sin becomes roll(x) * sin: two kernels fewer per call."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    """Rotate pairs (x_i, x_{i+D/2}) by the angles of cos/sin (see Transformer.rope and fused.rotate_pairs)."""
+    return RopeFn.apply(x, cos, sin) if fused_ok(x) else rotate_pairs(x, cos, sin)
 
 
 class KVCache:
@@ -327,19 +302,15 @@ def scores_fit(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def attention_by_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q kᵀ / √D + mask) v for q [B, H, T, D], k/v [B, KV, S, D] and an additive mask
-    [B or 1, 1, T, S] (None: causal, the queries being the last T positions), as [B, H, T, D].
+    [B or 1, 1, T, S] (None: causal, the queries being the last T positions), as [B, T, H·D]:
+    the layout the output projection reads.
 
     The G query heads that share a KV head are stacked into one [G·T, D] block, so keys and
     values are read in place, never repeated per head.
     """
-    B, H, T, D = q.shape
-    KV, S = k.shape[1], k.shape[2]
-    G = H // KV
-    if mask is None:
-        mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - T + 1)[None, None]
-    scores = torch.matmul(q.reshape(B, KV, G * T, D), k.transpose(-1, -2)).mul_(D**-0.5)  # [B, KV, G·T, S]
-    probs = torch.softmax(scores.view(B, KV, G, T, S) + mask[:, :, None], dim=-1)
-    return torch.matmul(probs.view(B, KV, G * T, S), v).view(B, H, T, D)
+    if fused_ok(q, k, v):
+        return ScoresAttentionFn.apply(q, k, v, mask)
+    return _scores_attention(q, k, v, mask)[0]
 
 
 class Attention(nn.Module):
@@ -377,8 +348,8 @@ class Attention(nn.Module):
             return self.o_proj(y.reshape(B, 1, -1))
         gqa = self.n_kv != self.n_heads
         if scores_fit(q, k):
-            y = attention_by_matmul(q, k, v, mask)
-        elif mask is None:
+            return self.o_proj(attention_by_matmul(q, k, v, mask))
+        if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -393,7 +364,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if self.down_proj.bias is None and fused_ok(x, *weights):
+            return SwiGLUFn.apply(x, *weights)
+        h, up = F.silu(self.gate_proj(x)), self.up_proj(x)
+        return self.down_proj(h * up if h.requires_grad else h.mul_(up))  # in place where no graph keeps h
 
 
 class Block(nn.Module):

@@ -1,0 +1,154 @@
+"""Pieces of the training forward with their backward written out.
+
+Autograd of a composite records every step, saves what each needs and replays them backwards,
+one node, one allocation and one pass over memory per step. For the small tensors of CPU
+training that bookkeeping is a large share of the time (a tiny model's step spends ~10 ms of
+~110 in it with every dimension shrunk to 8). Each function here is one autograd node whose
+backward is the closed form, reusing buffers it no longer needs. Each is checked against
+autograd of its composite (tests/test_fused.py); the model uses them for fp32 gradients
+outside autocast and the composite otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+once_differentiable = torch.autograd.function.once_differentiable
+
+
+def fused_ok(*tensors: torch.Tensor) -> bool:
+    """Whether a fused function should record this call: gradients are wanted and autocast is
+    off (its per-op casts would not reach a hand-written backward)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.is_autocast_enabled(tensors[0].device.type))
+
+
+class RMSNormFn(torch.autograd.Function):
+    """y = x / rms(x) * w in float32.
+
+    With x̂ = x·r, r = 1/sqrt(mean(x²) + eps) and g = dy·w:
+        dx = r · (g − x̂ · mean(g · x̂)),    dw = Σ_rows dy · x̂.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [..., 1]
+        x_hat = x * r
+        ctx.save_for_backward(x_hat, r, weight)
+        return x_hat * weight
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x_hat, r, weight = ctx.saved_tensors
+        dw = (dy * x_hat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        g = dy * weight
+        dx = torch.addcmul(g, x_hat, (g * x_hat).mean(-1, keepdim=True), value=-1).mul_(r)
+        return dx, dw, None
+
+
+class SwiGLUFn(torch.autograd.Function):
+    """The MLP without biases: y = (silu(x Wgᵀ) ⊙ x Wuᵀ) Wdᵀ.
+
+    With g = x Wgᵀ, u = x Wuᵀ, s = silu(g), h = s ⊙ u:
+        dh = dy Wd,   du = dh ⊙ s,   dg = silu'(g) ⊙ (dh ⊙ u),
+        dWd = dyᵀ h,  dWg = dgᵀ x,   dWu = duᵀ x,   dx = dg Wg + du Wu.
+    The backward writes du, ds and dg over s, dh and g, and adds du Wu into dg Wg in one addmm.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        g = torch.mm(x2, w_gate.t())
+        u = torch.mm(x2, w_up.t())
+        s = F.silu(g)
+        h = s * u
+        ctx.save_for_backward(x2, w_gate, w_up, w_down, g, u, s, h)
+        ctx.x_shape = x.shape
+        return torch.mm(h, w_down.t()).view(*x.shape[:-1], w_down.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x2, w_gate, w_up, w_down, g, u, s, h = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
+        dw_down = torch.mm(dy.t(), h)
+        dh = torch.mm(dy, w_down)
+        du = s.mul_(dh)
+        dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=g)
+        dx = torch.addmm(torch.mm(dg, w_gate), du, w_up)
+        return dx.view(ctx.x_shape), torch.mm(dg.t(), x2), torch.mm(du.t(), x2), dw_down
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + roll(x, D/2)·sin: rotates the pairs (x_i, x_{i+D/2}), `sin` carrying the sign of
+    the first half. The rolled copy is the output buffer: three kernels and one allocation, and
+    the result is contiguous whatever the layout of x, so heads can be stacked without a copy."""
+    if x.dtype != torch.float32 or cos.dtype != torch.float32:
+        # bf16 would round the rolled product before the sum; keep the rounding checked on GPUs.
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    return x.roll(x.shape[-1] // 2, dims=-1).mul_(sin).addcmul_(x, cos)
+
+
+class RopeFn(torch.autograd.Function):
+    """`rotate_pairs`, a rotation: its backward rotates back, dx = dy·cos + roll(dy·sin, D/2)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return rotate_pairs(x, cos, sin)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return (dy * sin).roll(dy.shape[-1] // 2, dims=-1).addcmul_(dy, cos), None, None
+
+
+def _scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """(output [B, T, H·D], stacked q, k, v and probs for the backward). See attention_by_matmul."""
+    B, H, T, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    if mask is None:
+        mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - T + 1)[None, None]
+    qs = q.reshape(B * KV, G * T, D)
+    ks = k.reshape(B * KV, S, D)
+    vs = v.reshape(B * KV, S, D)
+    # beta=0: the empty input is never read; alpha scales inside the matmul, a pass fewer.
+    scores = torch.baddbmm(qs.new_empty(()), qs, ks.transpose(1, 2), beta=0, alpha=D**-0.5)
+    probs = torch.softmax(scores.view(B, KV, G, T, S).add_(mask[:, :, None]), dim=-1).view(B * KV, G * T, S)
+    y = torch.bmm(probs, vs).view(B, KV, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+    return y, (qs, ks, vs, probs)
+
+
+class ScoresAttentionFn(torch.autograd.Function):
+    """softmax(q kᵀ/√D + mask) v with its scores materialised, as attention_by_matmul.
+
+    With P the probabilities and dP = dy vᵀ:  dv = Pᵀ dy,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
+    dq = dS k / √D,  dk = dSᵀ q / √D. The G query heads of a KV head are stacked, so dk and dv
+    come out summed over them.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        y, saved = _scores_attention(q, k, v, mask)
+        ctx.save_for_backward(*saved)
+        ctx.shapes = q.shape, k.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        qs, ks, vs, probs = ctx.saved_tensors
+        (B, H, T, D), k_shape = ctx.shapes
+        KV = k_shape[1]
+        dy = dy.view(B, T, KV, H // KV, D).permute(0, 2, 3, 1, 4).reshape(qs.shape)
+        dprobs = torch.bmm(dy, vs.transpose(1, 2))
+        dv = torch.bmm(probs.transpose(1, 2), dy)
+        dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
+        unused = qs.new_empty(())
+        dq = torch.baddbmm(unused, dscores, ks, beta=0, alpha=D**-0.5)
+        dk = torch.baddbmm(unused, dscores.transpose(1, 2), qs, beta=0, alpha=D**-0.5)
+        return dq.view(B, H, T, D), dk.view(k_shape), dv.view(k_shape), None

@@ -1,0 +1,133 @@
+"""The hand-written backward passes against autograd of the composites they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanopost.model as model_module
+from hf_reference import CONFIGS, padded_batch, random_nano_model
+from nanopost.fused import RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, _scores_attention, rotate_pairs
+from nanopost.model import RMSNorm
+
+
+def test_rms_norm_backward_is_the_derivative_of_its_forward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFn.apply(x, w, 1e-6), (x, w))
+
+
+def test_rms_norm_without_gradients_gives_the_same_values_and_keeps_them_when_needed():
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(16, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g))
+    x = torch.randn(4, 7, 16, generator=g)
+    with torch.no_grad():
+        fast = norm(x)
+    assert torch.equal(fast, RMSNormFn.apply(x, norm.weight, 1e-6))
+    assert norm(x).grad_fn is not None  # the weight trains
+    norm.weight.requires_grad_(False)
+    assert norm(x).grad_fn is None
+    assert norm(x.requires_grad_()).grad_fn is not None  # a frozen norm still passes gradients on
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+def test_swiglu_backward_equals_autograd_of_the_mlp():
+    # Its backward overwrites what it saved, so it runs once per graph: gradcheck's repeated
+    # backward passes cannot be used, and float64 autograd is the reference instead.
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+            for shape in [(2, 5, 6), (7, 6), (7, 6), (6, 7)]]
+    dy = torch.randn(2, 5, 6, dtype=torch.float64, generator=g)
+    ours = SwiGLUFn.apply(*args)
+    ours_grads = torch.autograd.grad(ours, args, dy)
+    ref = _swiglu(*args)
+    ref_grads = torch.autograd.grad(ref, args, dy)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
+    for a, b in zip(ours_grads, ref_grads):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_swiglu_refuses_a_second_backward_instead_of_using_what_it_overwrote():
+    args = [torch.randn(*shape, requires_grad=True) for shape in [(3, 4), (5, 4), (5, 4), (4, 5)]]
+    y = SwiGLUFn.apply(*args).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("heads,kv,T,S,masked", [(4, 2, 5, 5, False), (2, 2, 3, 6, False), (6, 2, 4, 7, True)])
+def test_scores_attention_backward_is_the_derivative_of_its_forward(heads, kv, T, S, masked):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, T, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, kv, S, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    mask = None
+    if masked:
+        visible = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None].repeat(2, 1, 1, 1)
+        visible[1, :, :, :2] = False
+        mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill_(~visible, float("-inf"))
+    assert torch.autograd.gradcheck(lambda q, k, v: ScoresAttentionFn.apply(q, k, v, mask), (q, k, v))
+    with torch.no_grad():
+        assert torch.equal(ScoresAttentionFn.apply(q, k, v, mask), _scores_attention(q, k, v, mask)[0])
+
+
+def _loss_and_grads(model, ids, mask):
+    out = model(ids, attention_mask=mask)
+    loss = (out * mask[..., None]).square().sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_model_gradients_through_the_fused_pieces_equal_the_composites(name, monkeypatch):
+    model = random_nano_model(name).train()
+    ids, mask = padded_batch(model.config.vocab_size)
+    calls = []
+    for fn in (ScoresAttentionFn, SwiGLUFn, RopeFn):
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: calls.append(1) or _apply(*a))
+    fused = _loss_and_grads(model, ids, mask)
+    assert len(calls) == 4 * model.config.num_hidden_layers
+    monkeypatch.setattr(model_module, "fused_ok", lambda *tensors: False)
+    composite = _loss_and_grads(model, ids, mask)
+    assert len(calls) == 4 * model.config.num_hidden_layers
+    real = mask.bool()
+    assert torch.equal(fused[0][real], composite[0][real])
+    for n, ref in composite[1].items():
+        assert (fused[1][n] - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-8, n
+
+
+def test_autocast_takes_the_composites():  # their per-op casts would not reach a written-out backward
+    model = random_nano_model("qwen2-bias-tied").train()
+    ids, mask = padded_batch(model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, attention_mask=mask)
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    names = {type(fn).__name__ for fn in seen}
+    assert not names & {"ScoresAttentionFnBackward", "SwiGLUFnBackward", "RopeFnBackward"}, names
+    assert "BmmBackward0" in names and "SiluBackward0" in names
+
+
+def test_rope_backward_is_the_derivative_of_its_forward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 6, dtype=torch.float64, generator=g).transpose(1, 2).requires_grad_()  # as q is
+    angles = torch.rand(2, 1, 5, 3, dtype=torch.float64, generator=g) * 6
+    cos = torch.cat([angles.cos()] * 2, -1)
+    sin = torch.cat([-angles.sin(), angles.sin()], -1)
+    assert torch.autograd.gradcheck(lambda x: RopeFn.apply(x, cos, sin), (x,))
+    x, cos, sin, angles = x.detach().float(), cos.float(), sin.float(), angles.float()
+    y = rotate_pairs(x, cos, sin)
+    assert y.is_contiguous()  # heads stack into attention's blocks without a copy
+    x1, x2 = x.chunk(2, -1)
+    c, s = angles.cos(), angles.sin()
+    assert torch.allclose(y, torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1), rtol=0, atol=1e-6)
