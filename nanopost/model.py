@@ -287,6 +287,53 @@ class _AfterPrefix:
         return k, torch.cat([pv.index_select(0, self.rows), v], dim=2)
 
 
+class _Documents:
+    """The real positions of a packed batch, and where each sits in a [docs, L] grid that holds
+    one document per row (L: the longest document).
+
+    Packed rows leave padding at their ends, and a row of several documents needs a block-
+    diagonal mask whose blocked-out scores are computed anyway. So the layers work on the N
+    real positions alone, [1, N, hidden], and attention scatters q, k and v into the grid, where
+    plain causal attention within a row is attention within the document, and gathers its
+    output back. Grid slots past a document's end are zeros that no real query can see.
+    """
+
+    def __init__(self, segment_ids: torch.Tensor):
+        B, T = segment_ids.shape
+        flat = segment_ids.reshape(-1)
+        self.real = (flat >= 0).nonzero().squeeze(1)  # [N] row-major
+        if self.real.numel() == 0:
+            raise ValueError("segment_ids: every position is padding (negative); nothing to compute")
+        row = torch.div(self.real, T, rounding_mode="floor")
+        _, doc = torch.unique(row * (int(flat.max()) + 1) + flat[self.real], return_inverse=True)
+        counts = torch.bincount(doc)
+        # A document's positions come in row order; number them within the document.
+        order = torch.argsort(doc, stable=True)
+        starts = counts.cumsum(0) - counts
+        within = torch.empty_like(doc)
+        within[order] = torch.arange(doc.numel(), device=doc.device) - starts[doc[order]]
+        self.docs, self.length = counts.numel(), int(counts.max())
+        self.slot = doc * self.length + within  # [N] index into the flattened grid
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]: the real positions."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.real)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, N, ...] -> [docs, L, ...], zeros past each document's end."""
+        out = x.new_zeros(self.docs * self.length, *x.shape[2:])
+        return out.index_copy(0, self.slot, x[0]).view(self.docs, self.length, *x.shape[2:])
+
+    def from_grid(self, y: torch.Tensor) -> torch.Tensor:
+        """[docs, L, ...] -> [1, N, ...]."""
+        return y.reshape(-1, *y.shape[2:]).index_select(0, self.slot)[None]
+
+    def unflat(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """[1, N, ...] -> [B, T, ...], zeros at the padding."""
+        out = x.new_zeros(B * T, *x.shape[2:])
+        return out.index_copy(0, self.real, x[0]).view(B, T, *x.shape[2:])
+
+
 # Attention over short sequences on the CPU materialises its scores: the flash kernel's tiling
 # and bookkeeping then cost more than they save (its forward + backward 1.2-1.7x slower at ~100
 # positions, even at ~250, faster from ~500 on), and the scores are small.
@@ -333,6 +380,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        documents = cache if isinstance(cache, _Documents) else None
+        if documents is not None:  # one document per row, causal within it
+            q, k, v = documents.grid(q), documents.grid(k), documents.grid(v)
+            B, T, cache = documents.docs, documents.length, None
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
         v = v.transpose(1, 2)
@@ -348,12 +399,12 @@ class Attention(nn.Module):
             return self.o_proj(y.reshape(B, 1, -1))
         gqa = self.n_kv != self.n_heads
         if scores_fit(q, k):
-            return self.o_proj(attention_by_matmul(q, k, v, mask))
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = attention_by_matmul(q, k, v, mask)
+        elif mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2).reshape(B, T, -1)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if documents is None else documents.from_grid(y))
 
 
 class MLP(nn.Module):
@@ -445,6 +496,11 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden]. See `forward` for the arguments."""
+        h, documents = self._hidden(input_ids, positions, attention_mask, segment_ids, cache)
+        return h if documents is None else documents.unflat(h, *input_ids.shape)
+
+    def _hidden(self, input_ids, positions, attention_mask, segment_ids, cache) -> tuple[torch.Tensor, _Documents | None]:
+        """hidden_states, but for packed documents [1, N, hidden] over their real positions alone."""
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
@@ -462,7 +518,11 @@ class Transformer(nn.Module):
                 f"sequence needs position {int(positions.max())} but the model's context is "
                 f"{self.config.max_position_embeddings} (max_position_embeddings)"
             )
-        mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache, device)
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids take no cache or attention_mask (negative ids mark padding)")
+            return self._documents(input_ids, positions, segment_ids)
+        mask = self._attention_mask(B, T, start, attention_mask, cache, device)
         rope = None
         if cache is not None:
             # Decoding positions are below the cache size, so a table of them replaces the
@@ -474,7 +534,16 @@ class Transformer(nn.Module):
         x = self._blocks(input_ids, positions, mask, cache, rope)
         if cache is not None:
             cache.length += T
-        return self.model.norm(x)
+        return self.model.norm(x), None
+
+    def _documents(self, input_ids, positions, segment_ids) -> tuple[torch.Tensor, _Documents]:
+        """Final-norm hidden states [1, N, hidden] of the N real positions of a packed batch."""
+        documents = _Documents(segment_ids)
+        cos, sin = self.rope(documents.grid(documents.flat(positions)[None]), self.model.embed_tokens.weight.dtype)
+        x = self.model.embed_tokens(documents.flat(input_ids))[None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, None, documents)
+        return self.model.norm(x), documents
 
     def _blocks(self, input_ids, positions, mask, cache, rope=None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -493,7 +562,7 @@ class Transformer(nn.Module):
                              f"({self.config.max_position_embeddings} positions)")
         record = _RecordKV()
         prompt_positions = (prefix.mask.long().cumsum(-1) - 1).clamp(min=0)
-        prompt_mask = self._attention_mask(U, P, 0, prefix.mask, None, None, prefix.ids.device)
+        prompt_mask = self._attention_mask(U, P, 0, prefix.mask, None, prefix.ids.device)
         last = self.model.norm(self._blocks(prefix.ids, prompt_positions, prompt_mask, record)[:, -1:])
         last = last.index_select(0, prefix.rows)
         N, T = input_ids.shape
@@ -509,7 +578,7 @@ class Transformer(nn.Module):
         return torch.cat([last, self.model.norm(x)], dim=1)
 
     @staticmethod
-    def _attention_mask(B, T, start, attention_mask, segment_ids, cache, device) -> torch.Tensor | None:
+    def _attention_mask(B, T, start, attention_mask, cache, device) -> torch.Tensor | None:
         """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention."""
         if cache is not None:
             if attention_mask is not None:
@@ -519,9 +588,6 @@ class Transformer(nn.Module):
                 return keys[:, None, None, :]
             causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
             mask = causal[None] & keys[:, None, :]
-        elif segment_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
         elif attention_mask is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = causal[None] & attention_mask.bool()[:, None, :]
@@ -548,7 +614,8 @@ class Transformer(nn.Module):
 
         positions      : [B, T] RoPE positions; default counts real tokens (per row) or 0..T-1.
         attention_mask : [B, T] 1 for real tokens, 0 for padding; padding is never attended.
-        segment_ids    : [B, T] packed documents; tokens attend only within their own segment.
+        segment_ids    : [B, T] packed documents; tokens attend only within their own segment, and
+                         negative ids mark padding, which is not computed (its logits are 0).
         cache          : KVCache to read and extend (decoding).
         logits_slice   : positions to compute logits for (default all); the LM head is a large
                          share of a small model's FLOPs, so scoring a completion skips the prompt.
@@ -562,9 +629,14 @@ class Transformer(nn.Module):
                 raise ValueError("prefix= takes no positions, attention_mask, segment_ids or cache")
             h = self._after_prefix(input_ids, prefix)
         else:
-            h = self.hidden_states(
-                input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
-            )
+            h, documents = self._hidden(input_ids, positions, attention_mask, segment_ids, cache)
+            if documents is not None:
+                if logits_mask is not None:
+                    keep = documents.flat(logits_mask)
+                    if int(keep.sum()) != int(logits_mask.sum()):
+                        raise ValueError("logits_mask selects padding (a negative segment id)")
+                    return self.lm_head(h[0][keep])
+                h = documents.unflat(h, *input_ids.shape)
         if logits_mask is not None:
             return self.lm_head(h[logits_mask])
         return self.lm_head(h if logits_slice is None else h[:, logits_slice])

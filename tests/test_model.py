@@ -127,6 +127,58 @@ def test_packed_segments_do_not_attend_to_each_other():
     assert (out[0, 7:] - sep_b[0]).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("scores", [True, False])
+def test_a_packed_batch_trains_as_its_documents_apart(scores, monkeypatch):
+    # Two rows: three documents, then one and padding. Each document's logits and its share of
+    # the gradient are those it gets alone; padding is not computed and its logits are zero.
+    if not scores:
+        monkeypatch.setattr(model_module, "SCORES_PER_HEAD", 0)  # attention through SDPA
+    model = Transformer(nano_config("qwen3-qknorm-headdim"))
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, 128, (n,), generator=g) for n in (5, 4, 3, 6)]
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    segments = torch.full((2, 12), -1)
+    positions = torch.zeros(2, 12, dtype=torch.long)
+    where = [(0, 0), (0, 5), (0, 9), (1, 0)]
+    for i, ((row, start), doc) in enumerate(zip(where, docs)):
+        ids[row, start : start + len(doc)] = doc
+        segments[row, start : start + len(doc)] = i if row == 0 else 0
+        positions[row, start : start + len(doc)] = torch.arange(len(doc))
+    probe = torch.randn(2, 12, 128, generator=g)
+
+    packed = model(ids, positions=positions, segment_ids=segments)
+    (packed * probe).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    alone = []
+    for (row, start), doc in zip(where, docs):
+        out = model(doc[None])
+        alone.append(out.detach())
+        (out[0] * probe[row, start : start + len(doc)]).sum().backward()
+    for (row, start), doc, out in zip(where, docs, alone):
+        assert (packed[row, start : start + len(doc)].detach() - out[0]).abs().max() < TOL
+    assert torch.equal(packed[1, 6:], torch.zeros(6, 128))
+    for p, ref in zip(model.parameters(), packed_grads):
+        assert (p.grad - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6
+
+
+def test_packed_logits_at_chosen_positions_skip_padding():
+    model = Transformer(nano_config("llama-gqa-untied"))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    segments = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, -1, -1]])
+    keep = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        full = model(ids, positions=torch.zeros_like(ids), segment_ids=segments)
+        chosen = model(ids, positions=torch.zeros_like(ids), segment_ids=segments, logits_mask=keep)
+        assert torch.allclose(chosen, full[keep], rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="padding"):
+            model(ids, positions=torch.zeros_like(ids), segment_ids=segments, logits_mask=segments < 0)
+        with pytest.raises(ValueError, match="every position is padding"):
+            model(ids, segment_ids=torch.full_like(ids, -1))
+
+
 def shared_prompt_batch(vocab: int):
     """Two prompts (5 and 3 tokens) continued by 5 rows in mixed order, each with 6 tokens."""
     g = torch.Generator().manual_seed(2)
