@@ -6,8 +6,9 @@ Both sides train in fp32 on the CPU, from the same weights, on the same ~100-tok
 1024-token byte-level BPE, ChatML), with the loss on the assistant reply only, and AdamW with
 lr 3e-4, weight decay 0.1, betas (0.9, 0.95), gradient clipping at 1.0, 8 examples a step:
 
-    nanopost  pack_examples with rows as long as the longest example and 8 rows a batch, then
-              accumulate_gradients + clip_grad_norm_ + AdamW step + zero_grad, as train_sft does.
+    nanopost  pack_examples with rows as long as the longest example and 8 rows a batch (the
+              model computes their real positions only), then accumulate_gradients +
+              clip_grad_norm_ + AdamW step + zero_grad, as train_sft does.
     TRL       SFTTrainer on conversational prompt-completion records (tokenised by TRL with the
               transformers tokenizer of the same files), per_device_train_batch_size=8, each
               batch padded to its longest example, completion_only_loss=True, no packing and no
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"data: {len(examples)} chats of {min(lengths)}-{max(lengths)} ids (mean {statistics.mean(lengths):.0f}), "
           f"{statistics.mean(e.num_loss_tokens for e in examples):.0f} loss tokens each on average")
     print(f"nanopost step: {BATCH} packed rows of <= {row} positions = {per_step:.1f} examples "
-          f"(padded to the batch's longest row); accumulate_gradients + clip + AdamW step")
+          f"(the layers skip the padding); accumulate_gradients + clip + AdamW step")
     if run_trl:
         print(f"TRL step: {BATCH} examples padded to the batch's longest; Trainer.training_step + clip + AdamW step")
     print(f"timed: {args.steps} steps after {args.warmup} warmup; tokens: non-padding positions with a target")

@@ -128,37 +128,40 @@ def test_packed_segments_do_not_attend_to_each_other():
 
 
 @pytest.mark.parametrize("scores", [True, False])
-def test_a_packed_batch_trains_as_its_documents_apart(scores, monkeypatch):
-    # Two rows: three documents, then one and padding. Each document's logits and its share of
-    # the gradient are those it gets alone; padding is not computed and its logits are zero.
+@pytest.mark.parametrize("rows,grid", [([[5, 4, 3], [6]], True), ([[1] * 10, [12]], False)])
+def test_a_packed_batch_trains_as_its_documents_apart(rows, grid, scores, monkeypatch):
+    # Documents packed in two rows of 12. Each document's logits and its share of the gradient
+    # are those it gets alone. The first layout runs one document per row, padding not computed
+    # (logits 0); the second has one long document among short ones, so it keeps the batch's rows.
     if not scores:
         monkeypatch.setattr(model_module, "SCORES_PER_HEAD", 0)  # attention through SDPA
     model = Transformer(nano_config("qwen3-qknorm-headdim"))
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
-    docs = [torch.randint(0, 128, (n,), generator=g) for n in (5, 4, 3, 6)]
     ids = torch.zeros(2, 12, dtype=torch.long)
     segments = torch.full((2, 12), -1)
     positions = torch.zeros(2, 12, dtype=torch.long)
-    where = [(0, 0), (0, 5), (0, 9), (1, 0)]
-    for i, ((row, start), doc) in enumerate(zip(where, docs)):
-        ids[row, start : start + len(doc)] = doc
-        segments[row, start : start + len(doc)] = i if row == 0 else 0
-        positions[row, start : start + len(doc)] = torch.arange(len(doc))
-    probe = torch.randn(2, 12, 128, generator=g)
+    docs = []  # (row, start, ids)
+    for r, lengths in enumerate(rows):
+        start = 0
+        for i, n in enumerate(lengths):
+            docs.append((r, start, torch.randint(0, 128, (n,), generator=g)))
+            ids[r, start : start + n], segments[r, start : start + n] = docs[-1][2], i
+            positions[r, start : start + n] = torch.arange(n)
+            start += n
+    assert (model_module._Documents.of(segments) is not None) == grid
+    probe = torch.randn(2, 12, 128, generator=g) * (segments >= 0)[..., None]  # no loss on padding
 
     packed = model(ids, positions=positions, segment_ids=segments)
     (packed * probe).sum().backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    alone = []
-    for (row, start), doc in zip(where, docs):
+    for row, start, doc in docs:
         out = model(doc[None])
-        alone.append(out.detach())
+        assert (packed[row, start : start + len(doc)].detach() - out[0].detach()).abs().max() < TOL
         (out[0] * probe[row, start : start + len(doc)]).sum().backward()
-    for (row, start), doc, out in zip(where, docs, alone):
-        assert (packed[row, start : start + len(doc)].detach() - out[0]).abs().max() < TOL
-    assert torch.equal(packed[1, 6:], torch.zeros(6, 128))
+    if grid:
+        assert torch.equal(packed[1, sum(rows[1]):], torch.zeros(12 - sum(rows[1]), 128))
     for p, ref in zip(model.parameters(), packed_grads):
         assert (p.grad - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6
 
