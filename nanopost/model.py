@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, _scores_attention, fused_ok, rotate_pairs
+from .fused import RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, fused_ok, rotate_pairs, scores_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -311,7 +311,7 @@ class _Documents:
     def of(cls, segment_ids: torch.Tensor) -> "_Documents | None":
         """The grid of a batch, or None where attention over the batch's own rows, under a
         block-diagonal mask, is less work: a few long documents among many short ones would
-        leave most of a one-per-row grid empty (the scatter and gather cost ~5% besides)."""
+        leave most of a one-per-row grid empty (the demo's pretraining batches ran 35% slower)."""
         B, T = segment_ids.shape
         flat = segment_ids.reshape(-1)
         real = (flat >= 0).nonzero().squeeze(1)
@@ -366,7 +366,7 @@ def attention_by_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     """
     if fused_ok(q, k, v):
         return ScoresAttentionFn.apply(q, k, v, mask)
-    return _scores_attention(q, k, v, mask)[0]
+    return scores_attention(q, k, v, mask)[0]
 
 
 class Attention(nn.Module):
@@ -408,11 +408,10 @@ class Attention(nn.Module):
             return self.o_proj(y.reshape(B, 1, -1))
         gqa = self.n_kv != self.n_heads
         if scores_fit(q, k):
-            y = attention_by_matmul(q, k, v, mask)
-        elif mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2).reshape(B, T, -1)
+            y = attention_by_matmul(q, k, v, mask)  # [B, T, H·D]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2).reshape(B, T, -1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y if documents is None else documents.from_grid(y))
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import nanopost.model as model_module
 from hf_reference import CONFIGS, padded_batch, random_nano_model
-from nanopost.fused import RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, _scores_attention, rotate_pairs
+from nanopost.fused import RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, rotate_pairs, scores_attention
 from nanopost.model import RMSNorm
 
 
@@ -72,7 +72,7 @@ def test_scores_attention_backward_is_the_derivative_of_its_forward(heads, kv, T
         mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill_(~visible, float("-inf"))
     assert torch.autograd.gradcheck(lambda q, k, v: ScoresAttentionFn.apply(q, k, v, mask), (q, k, v))
     with torch.no_grad():
-        assert torch.equal(ScoresAttentionFn.apply(q, k, v, mask), _scores_attention(q, k, v, mask)[0])
+        assert torch.equal(ScoresAttentionFn.apply(q, k, v, mask), scores_attention(q, k, v, mask)[0])
 
 
 def _loss_and_grads(model, ids, mask):
