@@ -5,8 +5,8 @@ one node, one allocation and one pass over memory per step. For the small tensor
 training that bookkeeping is a large share of the time: a tiny benchmark model's forward and
 backward still take ~9 ms with every dimension shrunk to 8, against ~100 ms at full size. Each
 function here is one autograd node whose backward is the closed form, reusing buffers it no
-longer needs; together they make a tiny SFT step ~7% faster, a small one ~3%. Each is checked against
-autograd of its composite (tests/test_fused.py); the model uses them for fp32 gradients
+longer needs; together they make a tiny SFT step ~7% faster, a small one ~3%. Each is checked
+against autograd of its composite (tests/test_fused.py); the model uses them for fp32 gradients
 outside autocast and the composite otherwise.
 """
 
@@ -73,13 +73,15 @@ class SwiGLUFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x2, w_gate, w_up, w_down, g, u, s, h = ctx.saved_tensors
+        need_x, need_gate, need_up, need_down = ctx.needs_input_grad
         dy = dy.reshape(-1, dy.shape[-1])
-        dw_down = torch.mm(dy.t(), h)
+        dw_down = torch.mm(dy.t(), h) if need_down else None
         dh = torch.mm(dy, w_down)
         du = s.mul_(dh)
         dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=g)
-        dx = torch.addmm(torch.mm(dg, w_gate), du, w_up)
-        return dx.view(ctx.x_shape), torch.mm(dg.t(), x2), torch.mm(du.t(), x2), dw_down
+        dx = torch.addmm(torch.mm(dg, w_gate), du, w_up).view(ctx.x_shape) if need_x else None
+        return (dx, torch.mm(dg.t(), x2) if need_gate else None, torch.mm(du.t(), x2) if need_up else None,
+                dw_down)
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

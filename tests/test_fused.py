@@ -52,6 +52,15 @@ def test_swiglu_backward_equals_autograd_of_the_mlp():
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_swiglu_with_frozen_weights_passes_the_input_gradient_alone():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g, requires_grad=True)
+    weights = [torch.randn(*shape, generator=g) for shape in [(7, 6), (7, 6), (6, 7)]]
+    (dx,) = torch.autograd.grad(SwiGLUFn.apply(x, *weights).sum(), [x])
+    (ref,) = torch.autograd.grad(_swiglu(x, *weights).sum(), [x])
+    assert torch.allclose(dx, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_swiglu_refuses_a_second_backward_instead_of_using_what_it_overwrote():
     args = [torch.randn(*shape, requires_grad=True) for shape in [(3, 4), (5, 4), (5, 4), (4, 5)]]
     y = SwiGLUFn.apply(*args).sum()
