@@ -298,9 +298,9 @@ class _Documents:
     output back. Grid slots past a document's end are zeros that no real query can see.
     """
 
-    def __init__(self, real: torch.Tensor, doc: torch.Tensor, counts: torch.Tensor):
+    def __init__(self, real: torch.Tensor, doc: torch.Tensor, counts: torch.Tensor, length: int):
         self.real = real  # [N] flat indices of the real positions, row-major
-        self.docs, self.length = counts.numel(), int(counts.max())
+        self.docs, self.length = counts.numel(), length
         # A document's positions come in row order; number them within the document.
         order = torch.argsort(doc, stable=True)
         within = torch.empty_like(doc)
@@ -320,9 +320,10 @@ class _Documents:
         row = torch.div(real, T, rounding_mode="floor")
         _, doc = torch.unique(row * (int(flat.max()) + 1) + flat[real], return_inverse=True)
         counts = torch.bincount(doc)
-        if counts.numel() * int(counts.max()) ** 2 > B * T * T:
+        length = int(counts.max())
+        if counts.numel() * length**2 > B * T * T:
             return None
-        return cls(real, doc, counts)
+        return cls(real, doc, counts, length)
 
     def flat(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [N, ...]: the real positions."""

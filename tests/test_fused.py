@@ -52,7 +52,7 @@ def test_swiglu_backward_equals_autograd_of_the_mlp():
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_swiglu_with_frozen_weights_passes_the_input_gradient_alone():
+def test_swiglu_with_frozen_weights_gives_the_inputs_gradient():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 6, generator=g, requires_grad=True)
     weights = [torch.randn(*shape, generator=g) for shape in [(7, 6), (7, 6), (6, 7)]]
