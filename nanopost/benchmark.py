@@ -106,11 +106,15 @@ Shape = tuple[int, int]
 def training_matmuls(model: Transformer, positions: int, loss_tokens: int) -> list[tuple[Shape, Shape]]:
     """Operand shapes of the linear layers' matmuls in one forward and backward pass over
     `positions` positions, with the LM head at `loss_tokens` of them (logits are computed where
-    the loss is). Each layer takes three: the forward x·Wᵀ, the input's gradient dy·W and the
+    the loss is), and so the last layer's output projection and MLP, whose output only the LM
+    head reads. Each layer takes three: the forward x·Wᵀ, the input's gradient dy·W and the
     weight's dyᵀ·x. Attention's matmuls are left out, so the list is the least work training
     can do."""
     shapes = []
-    linears = [(m, positions) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    last = model.model.layers[-1]
+    tail = {last.self_attn.o_proj, last.mlp.gate_proj, last.mlp.up_proj, last.mlp.down_proj}
+    linears = [(m, loss_tokens if m in tail else positions)
+               for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
     for linear, n in linears + [(model.lm_head, loss_tokens)]:
         out, inp = linear.weight.shape
         shapes += [((n, inp), (inp, out)), ((n, out), (out, inp)), ((out, n), (n, inp))]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, fused_ok, rotate_pairs, scores_attention
+from .fused import QKVRopeFn, RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, fused_ok, rotate_pairs, scores_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -334,14 +334,19 @@ class _Documents:
         out = x.new_zeros(self.docs * self.length, *x.shape[2:])
         return out.index_copy(0, self.slot, x[0]).view(self.docs, self.length, *x.shape[2:])
 
-    def from_grid(self, y: torch.Tensor) -> torch.Tensor:
-        """[docs, L, ...] -> [1, N, ...]."""
-        return y.reshape(-1, *y.shape[2:]).index_select(0, self.slot)[None]
+    def from_grid(self, y: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[docs, L, ...] -> [1, N, ...], or [1, n, ...] with the real positions `keep` alone."""
+        return y.reshape(-1, *y.shape[2:]).index_select(0, self.slot if keep is None else self.slot[keep])[None]
 
     def unflat(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """[1, N, ...] -> [B, T, ...], zeros at the padding."""
         out = x.new_zeros(B * T, *x.shape[2:])
         return out.index_copy(0, self.real, x[0]).view(B, T, *x.shape[2:])
+
+
+def _select(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, ...] -> [1, n, ...]: the flat positions `keep` (all, unchanged, when None)."""
+    return x if keep is None else x.reshape(-1, *x.shape[2:]).index_select(0, keep)[None]
 
 
 # Attention over short sequences on the CPU materialises its scores: the flash kernel's tiling
@@ -383,20 +388,13 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: flat indices of the positions whose output is wanted (default all), see Block."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
         documents = cache if isinstance(cache, _Documents) else None
         if documents is not None:  # one document per row, causal within it
-            q, k, v = documents.grid(q), documents.grid(k), documents.grid(v)
             B, T, cache = documents.docs, documents.length, None
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, KV, T, D]
-        v = v.transpose(1, 2)
+        q, k, v = self._qkv(x, cos, sin, documents)  # [B, H, T, D], [B, KV, T, D] x 2
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         if mask is not None and mask.dtype != q.dtype:
@@ -406,14 +404,31 @@ class Attention(nn.Module):
             # read once per KV head and never copied (expanding them is the main cost on CPU).
             q = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            return self.o_proj(y.reshape(B, 1, -1))
+            return self.o_proj(_select(y.reshape(B, 1, -1), keep))
         gqa = self.n_kv != self.n_heads
         if scores_fit(q, k):
             y = attention_by_matmul(q, k, v, mask)  # [B, T, H·D]
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
             y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y if documents is None else documents.from_grid(y))
+        return self.o_proj(_select(y, keep) if documents is None else documents.from_grid(y, keep))
+
+    def _qkv(self, x, cos, sin, documents: _Documents | None):
+        """q, k and v in heads-major layout, q and k rotated; on the documents' grid if any."""
+        weights = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+        if not hasattr(self, "q_norm") and fused_ok(x, *weights):
+            biases = self.q_proj.bias, self.k_proj.bias, self.v_proj.bias
+            slot, grid = (None, x.shape[:2]) if documents is None else (documents.slot, (documents.docs, documents.length))
+            return QKVRopeFn.apply(x, *weights, *biases, cos, sin, slot, grid, self.head_dim)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if documents is not None:
+            q, k, v = documents.grid(q), documents.grid(k), documents.grid(v)
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -439,8 +454,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, keep: torch.Tensor | None = None):
+        """keep: flat indices of the positions whose output is wanted, returned as [1, n, hidden].
+        Attention still reads every position's keys and values; the output projection and the
+        MLP run at the kept positions alone (the last layer under a logits mask: a loss on the
+        replies needs nothing else from it)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, keep)
+        x = x + h if keep is None else _select(x, keep) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -508,8 +528,10 @@ class Transformer(nn.Module):
         h, documents = self._hidden(input_ids, positions, attention_mask, segment_ids, cache)
         return h if documents is None else documents.unflat(h, *input_ids.shape)
 
-    def _hidden(self, input_ids, positions, attention_mask, segment_ids, cache) -> tuple[torch.Tensor, _Documents | None]:
-        """hidden_states, but for packed documents [1, N, hidden] over their real positions alone."""
+    def _hidden(self, input_ids, positions, attention_mask, segment_ids, cache,
+                logits_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, _Documents | None]:
+        """hidden_states, but for packed documents [1, N, hidden] over their real positions alone,
+        and with a logits_mask [1, n, hidden] at its positions alone (row-major)."""
         B, T = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
@@ -532,7 +554,8 @@ class Transformer(nn.Module):
                 raise ValueError("segment_ids take no cache or attention_mask (negative ids mark padding)")
             documents = _Documents.of(segment_ids)
             if documents is not None:
-                return self._documents(input_ids, positions, documents)
+                keep = None if logits_mask is None else documents.flat(logits_mask).nonzero().squeeze(1)
+                return self._documents(input_ids, positions, documents, keep)
         mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache, device)
         rope = None
         if cache is not None:
@@ -542,26 +565,28 @@ class Transformer(nn.Module):
                 cos, sin = self.rope(torch.arange(cache.max_len, device=device)[None], self.dtype)
                 cache.rope = cos[0, 0], sin[0, 0]  # [max_len, D]
             rope = cache.rope[0][positions][:, None], cache.rope[1][positions][:, None]
-        x = self._blocks(input_ids, positions, mask, cache, rope)
+        keep = None if logits_mask is None else logits_mask.reshape(-1).nonzero().squeeze(1)
+        x = self._blocks(input_ids, positions, mask, cache, rope, keep)
         if cache is not None:
             cache.length += T
         return self.model.norm(x), None
 
-    def _documents(self, input_ids, positions, documents: _Documents) -> tuple[torch.Tensor, _Documents]:
-        """Final-norm hidden states [1, N, hidden] of the N real positions of a packed batch."""
+    def _documents(self, input_ids, positions, documents: _Documents, keep=None) -> tuple[torch.Tensor, _Documents]:
+        """Final-norm hidden states [1, N, hidden] of the N real positions of a packed batch
+        ([1, n, hidden] of the n real positions `keep` where given)."""
         cos, sin = self.rope(documents.grid(documents.flat(positions)[None]), self.model.embed_tokens.weight.dtype)
         x = self.model.embed_tokens(documents.flat(input_ids))[None]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, None, documents)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, None, documents, keep if i == len(self.model.layers) - 1 else None)
         return self.model.norm(x), documents
 
-    def _blocks(self, input_ids, positions, mask, cache, rope=None) -> torch.Tensor:
+    def _blocks(self, input_ids, positions, mask, cache, rope=None, keep=None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope if rope is not None else self.rope(positions, x.dtype)
         if mask is not None:
             mask = additive_mask(mask, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, keep if i == len(self.model.layers) - 1 else None)
         return x
 
     def _after_prefix(self, input_ids: torch.Tensor, prefix: SharedPrefix) -> torch.Tensor:
@@ -573,7 +598,8 @@ class Transformer(nn.Module):
         record = _RecordKV()
         prompt_positions = (prefix.mask.long().cumsum(-1) - 1).clamp(min=0)
         prompt_mask = self._attention_mask(U, P, 0, prefix.mask, None, None, prefix.ids.device)
-        last = self.model.norm(self._blocks(prefix.ids, prompt_positions, prompt_mask, record)[:, -1:])
+        ends = torch.arange(1, U + 1, device=prefix.ids.device) * P - 1  # left-padded: each row's last position
+        last = self.model.norm(self._blocks(prefix.ids, prompt_positions, prompt_mask, record, keep=ends)).view(U, 1, -1)
         last = last.index_select(0, prefix.rows)
         N, T = input_ids.shape
         if T == 0:
@@ -644,10 +670,10 @@ class Transformer(nn.Module):
         else:
             if segment_ids is not None and logits_mask is not None and bool((logits_mask & (segment_ids < 0)).any()):
                 raise ValueError("logits_mask selects padding (a negative segment id)")
-            h, documents = self._hidden(input_ids, positions, attention_mask, segment_ids, cache)
+            h, documents = self._hidden(input_ids, positions, attention_mask, segment_ids, cache, logits_mask)
+            if logits_mask is not None:
+                return self.lm_head(h[0])
             if documents is not None:
-                if logits_mask is not None:
-                    return self.lm_head(h[0][documents.flat(logits_mask)])
                 h = documents.unflat(h, *input_ids.shape)
         if logits_mask is not None:
             return self.lm_head(h[logits_mask])

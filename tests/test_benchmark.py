@@ -12,7 +12,7 @@ def test_alternate_rounds_turns_the_order_each_round():
     assert results == {"a": [1, 4, 5], "b": [2, 3, 6]}
 
 
-def test_training_matmuls_are_three_per_linear_with_the_lm_head_at_the_loss_tokens_only():
+def test_training_matmuls_are_three_per_linear_with_the_lm_head_and_what_feeds_it_at_the_loss_tokens_only():
     cfg = bench_config("tiny")
     model = Transformer(cfg)
     n, loss = 37, 11
@@ -21,9 +21,11 @@ def test_training_matmuls_are_three_per_linear_with_the_lm_head_at_the_loss_toke
     for a, b in shapes:
         assert a[1] == b[0]
     h, d = cfg.hidden_size, cfg.head_dim
-    per_layer = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d + cfg.num_attention_heads * d * h
-    per_layer += 3 * h * cfg.intermediate_size
-    expected = 3 * 2 * (n * cfg.num_hidden_layers * per_layer + loss * h * cfg.vocab_size)
+    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
+    after = cfg.num_attention_heads * d * h + 3 * h * cfg.intermediate_size  # o_proj and the MLP
+    # The last layer's output projection and MLP feed the LM head alone, so run where it does.
+    expected = 3 * 2 * (n * cfg.num_hidden_layers * qkv + (n * (cfg.num_hidden_layers - 1) + loss) * after
+                        + loss * h * cfg.vocab_size)
     assert len(shapes) == 3 * (7 * cfg.num_hidden_layers + 1)
     assert flops == expected
     assert training_matmul_floor(model, n, loss, repeats=1) > 0

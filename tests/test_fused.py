@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import nanopost.model as model_module
 from hf_reference import CONFIGS, padded_batch, random_nano_model
-from nanopost.fused import RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, rotate_pairs, scores_attention
+from nanopost.fused import QKVRopeFn, RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, rotate_pairs, scores_attention
 from nanopost.model import RMSNorm
 
 
@@ -98,13 +98,15 @@ def test_model_gradients_through_the_fused_pieces_equal_the_composites(name, mon
     model = random_nano_model(name).train()
     ids, mask = padded_batch(model.config.vocab_size)
     calls = []
-    for fn in (ScoresAttentionFn, SwiGLUFn, RopeFn):
+    for fn in (ScoresAttentionFn, SwiGLUFn, RopeFn, QKVRopeFn):
         monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: calls.append(1) or _apply(*a))
     fused = _loss_and_grads(model, ids, mask)
-    assert len(calls) == 4 * model.config.num_hidden_layers
+    # q/k norms sit between the projections and RoPE, so those models rotate q and k apart.
+    per_layer = 4 if model.config.qk_norm else 3
+    assert len(calls) == per_layer * model.config.num_hidden_layers
     monkeypatch.setattr(model_module, "fused_ok", lambda *tensors: False)
     composite = _loss_and_grads(model, ids, mask)
-    assert len(calls) == 4 * model.config.num_hidden_layers
+    assert len(calls) == per_layer * model.config.num_hidden_layers
     real = mask.bool()
     assert torch.equal(fused[0][real], composite[0][real])
     for n, ref in composite[1].items():
@@ -123,7 +125,7 @@ def test_autocast_takes_the_composites():  # their per-op casts would not reach 
             seen.add(fn)
             todo += [f for f, _ in fn.next_functions]
     names = {type(fn).__name__ for fn in seen}
-    assert not names & {"ScoresAttentionFnBackward", "SwiGLUFnBackward", "RopeFnBackward"}, names
+    assert not names & {"ScoresAttentionFnBackward", "SwiGLUFnBackward", "RopeFnBackward", "QKVRopeFnBackward"}, names
     assert "BmmBackward0" in names and "SiluBackward0" in names
 
 
@@ -140,3 +142,50 @@ def test_rope_backward_is_the_derivative_of_its_forward():
     x1, x2 = x.chunk(2, -1)
     c, s = angles.cos(), angles.sin()
     assert torch.allclose(y, torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1), rtol=0, atol=1e-6)
+
+
+def _qkv_rope_composite(x, wq, wk, wv, bq, bk, bv, cos, sin, slot, grid, d):
+    """Three linears, the placement into the grid and RoPE, each through autograd."""
+    B, T = grid
+    out = []
+    for w, b in ((wq, bq), (wk, bk), (wv, bv)):
+        y = F.linear(x, w, b).reshape(-1, w.shape[0] // d, d)
+        if slot is not None:
+            y = y.new_zeros(B * T, *y.shape[1:]).index_copy(0, slot, y)
+        out.append(y.view(B, T, -1, d).transpose(1, 2))
+    q, k, v = out
+    return q * cos + q.roll(d // 2, -1) * sin, k * cos + k.roll(d // 2, -1) * sin, v
+
+
+@pytest.mark.parametrize("bias,placed", [(True, False), (False, True), (True, True)])
+def test_qkv_rope_backward_is_the_derivative_of_the_projections_and_rotation(bias, placed):
+    g = torch.Generator().manual_seed(0)
+    heads, kv, d, hidden, grid = 4, 2, 6, 8, (2, 5)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+
+    slot = torch.tensor([0, 1, 2, 5, 6, 7, 8]) if placed else None  # 3 + 4 positions in 2 rows of 5
+    x = rand(1, 7, hidden) if placed else rand(*grid, hidden)
+    weights = [rand(n * d, hidden) for n in (heads, kv, kv)]
+    biases = [rand(n * d) if bias else None for n in (heads, kv, kv)]
+    angles = torch.rand(grid[0], 1, grid[1], d // 2, dtype=torch.float64, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
+    trained = [x, *weights, *(b for b in biases if b is not None)]
+
+    def fused(*tensors):
+        x, *weights = tensors[:4]
+        biases = list(tensors[4:]) or [None] * 3
+        return QKVRopeFn.apply(x, *weights, *biases, cos, sin, slot, grid, d)
+
+    assert torch.autograd.gradcheck(fused, trained)
+    ours = fused(*trained)
+    ref = _qkv_rope_composite(x, *weights, *biases, cos, sin, slot, grid, d)
+    for a, b, n in zip(ours, ref, (heads, kv, kv)):
+        assert a.shape == (grid[0], n, grid[1], d)
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    cos, sin = cos.float(), sin.float()
+    # fp32, as trained on CPU: heads stack into attention's blocks without a copy.
+    assert all(t.is_contiguous() for t in fused(*(t.detach().float() for t in trained)))
+    if placed:  # grid slots past a document's end stay zero, so no real query sees them
+        assert torch.equal(ours[1][1, :, 4], torch.zeros(kv, d))

@@ -127,15 +127,16 @@ def test_packed_segments_do_not_attend_to_each_other():
     assert (out[0, 7:] - sep_b[0]).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("name", ["qwen3-qknorm-headdim", "qwen2-bias-tied"])  # q/k apart, and fused
 @pytest.mark.parametrize("scores", [True, False])
 @pytest.mark.parametrize("rows,grid", [([[5, 4, 3], [6]], True), ([[1] * 10, [12]], False)])
-def test_a_packed_batch_trains_as_its_documents_apart(rows, grid, scores, monkeypatch):
+def test_a_packed_batch_trains_as_its_documents_apart(rows, grid, scores, name, monkeypatch):
     # Documents packed in two rows of 12. Each document's logits and its share of the gradient
     # are those it gets alone. The first layout runs one document per row, padding not computed
     # (logits 0); the second has one long document among short ones, so it keeps the batch's rows.
     if not scores:
         monkeypatch.setattr(model_module, "SCORES_PER_HEAD", 0)  # attention through SDPA
-    model = Transformer(nano_config("qwen3-qknorm-headdim"))
+    model = Transformer(nano_config(name))
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     ids = torch.zeros(2, 12, dtype=torch.long)
@@ -180,6 +181,37 @@ def test_packed_logits_at_chosen_positions_skip_padding():
             model(ids, positions=torch.zeros_like(ids), segment_ids=segments, logits_mask=segments < 0)
         with pytest.raises(ValueError, match="every position is padding"):
             model(ids, segment_ids=torch.full_like(ids, -1))
+
+
+@pytest.mark.parametrize("layout", ["grid", "packed rows", "padded"])
+def test_logits_at_chosen_positions_train_as_the_full_forward_with_a_smaller_last_layer(layout):
+    model = Transformer(nano_config("qwen2-bias-tied"))
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 12), generator=g)
+    if layout == "padded":
+        real = torch.ones(2, 12, dtype=torch.bool)
+        real[1, :4] = False
+        kwargs = dict(attention_mask=real.long())
+    else:
+        rows = [[5, 4, 3], [6]] if layout == "grid" else [[1] * 10, [12]]
+        segments = torch.full((2, 12), -1)
+        for r, lengths in enumerate(rows):
+            segments[r, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        assert (model_module._Documents.of(segments) is not None) == (layout == "grid")
+        real, kwargs = segments >= 0, dict(segment_ids=segments)
+    keep = (torch.rand(2, 12, generator=g) < 0.5) & real
+    seen = []
+    model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    chosen = model(ids, logits_mask=keep, **kwargs)
+    assert seen == [int(keep.sum())]  # the last layer's MLP ran at the chosen positions alone
+    weights = torch.randn(chosen.shape, generator=g)
+    grads = torch.autograd.grad((chosen * weights).sum(), list(model.parameters()))
+    full = model(ids, **kwargs)[keep]
+    assert (chosen - full).abs().max().item() < TOL
+    want = torch.autograd.grad((full * weights).sum(), list(model.parameters()))
+    for a, b in zip(grads, want):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 1e-7
 
 
 def shared_prompt_batch(vocab: int):
