@@ -172,14 +172,23 @@ def document_lengths(segment_ids: torch.Tensor) -> list[int]:
     return lengths
 
 
-def training_flops(model: Transformer, lengths: Iterable[int]) -> float:
+def training_flops(model: Transformer, lengths: Iterable[int], loss_tokens: int | None = None) -> float:
     """Model FLOPs of one forward and backward pass over documents of these lengths (in positions).
 
     The backward pass costs two matmuls for every one of the forward (gradients of the input and
     of the weight), so training is 3x the forward. Each document attends causally to itself only,
-    which is what packing or padding masks leave (see forward_flops).
+    which is what packing or padding masks leave (see forward_flops). With `loss_tokens`, the
+    FLOPs a loss at that many positions needs: the LM head, and the last layer's output
+    projection and MLP that only it reads, count there alone (a full forward computes them
+    everywhere; nanopost does not).
     """
-    return 3.0 * forward_flops(model, lengths)
+    lengths = list(lengths)
+    flops = 3.0 * forward_flops(model, lengths)
+    if loss_tokens is not None:
+        last = model.model.layers[-1]
+        tail = [last.self_attn.o_proj, last.mlp.gate_proj, last.mlp.up_proj, last.mlp.down_proj, model.lm_head]
+        flops -= 3.0 * 2 * sum(m.weight.numel() for m in tail) * (sum(lengths) - loss_tokens)
+    return flops
 
 
 def forward_flops(model: Transformer, lengths: Iterable[int]) -> float:

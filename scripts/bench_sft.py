@@ -23,12 +23,15 @@ the end of the previous one, so TRL's data collation and callbacks are inside it
 `warmup` steps are left out, and tok/s and FLOP/s are those of the fastest timed step over all
 rounds: the two sides take turns (--rounds), so a slow spell of the machine cannot fall on one
 side only, and each round's ratio of fastest steps is printed as well. Model FLOPs
-are 3x the forward FLOPs (see nanopost.benchmark.training_flops); the fraction is of the best
-fp32 matmul peak measured before each size, since other processes can only lower a measurement.
+are 3x the forward FLOPs, with the LM head, and the last layer's output projection and MLP that
+only it reads, at the loss tokens (see nanopost.benchmark.training_flops): the work the loss
+needs, credited alike to both sides. The fraction is of the best fp32 matmul peak measured
+before each size and in every round, since other processes can only lower a measurement.
 
 The ceiling column times, for each timed batch, the matmuls of its linear layers alone
 (nanopost.benchmark.training_matmul_floor: forward, input gradient and weight gradient of every
-linear, the LM head at the loss tokens only), taking turns with the two sides like a third one.
+linear, the LM head and the last layer's output projection and MLP at the loss tokens only),
+taking turns with the two sides like a third one.
 No attention, norm, loss or optimizer is in it, so no implementation on these kernels can train
 faster; 'reached' is nanopost's tokens/s as a share of it.
 
@@ -59,7 +62,7 @@ from nanopost.tokenizer import train_bpe
 
 BATCH = 8
 LR, WEIGHT_DECAY, BETAS, CLIP = 3e-4, 0.1, (0.9, 0.95), 1.0
-Step = tuple[float, list[int]]  # (seconds, lengths in positions of the documents it trained)
+Step = tuple[float, list[int], int]  # (seconds, lengths in positions of its documents, loss tokens)
 
 
 def main() -> None:
@@ -113,10 +116,12 @@ def main() -> None:
                 save_model(model, d)
                 tokenizer.save(d)
             sides = {"nanopost": lambda: time_nanopost(model, batches, args.warmup),
-                     "ceiling": lambda: matmul_ceiling(model, batches[args.warmup:])}
+                     "ceiling": lambda: matmul_ceiling(model, batches[args.warmup:]),
+                     "peak": matmul_peak_flops}
             if run_trl:
                 sides["trl"] = lambda: time_trl(d, chats, examples, args.warmup)
             runs = alternate_rounds(sides, args.rounds)
+            peak = max(peak, *runs["peak"])
             ours = [step for steps in runs["nanopost"] for step in steps]
             line = f"{size:6s} {model.num_params() / 1e6:6.1f}M {peak / 1e9:5.0f} | " + rates(model, ours, peak, 14)
             ceiling = best_step([step for steps in runs["ceiling"] for step in steps])
@@ -138,12 +143,12 @@ def best_step(steps: list[Step]) -> Step:
 
 
 def rates(model: Transformer, steps: list[Step], peak: float, width: int) -> str:
-    seconds, lengths = best_step(steps)
-    return f"{sum(lengths) / seconds:{width}.0f} {training_flops(model, lengths) / seconds / peak:7.1%}"
+    seconds, lengths, loss_tokens = best_step(steps)
+    return f"{sum(lengths) / seconds:{width}.0f} {training_flops(model, lengths, loss_tokens) / seconds / peak:7.1%}"
 
 
 def speed_up(ours: list[Step], theirs: list[Step]) -> float:
-    (t_ours, n_ours), (t_theirs, n_theirs) = best_step(ours), best_step(theirs)
+    (t_ours, n_ours, _), (t_theirs, n_theirs, _) = best_step(ours), best_step(theirs)
     return (sum(n_ours) / t_ours) / (sum(n_theirs) / t_theirs)
 
 
@@ -158,7 +163,7 @@ def time_nanopost(model: Transformer, batches: list[Batch], warmup: int) -> list
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item()  # train_sft logs the norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        steps.append((time.perf_counter() - t0, document_lengths(batch.segment_ids)))
+        steps.append((time.perf_counter() - t0, document_lengths(batch.segment_ids), batch.num_loss_tokens))
     return steps[warmup:]
 
 
@@ -166,7 +171,8 @@ def matmul_ceiling(model: Transformer, batches: list[Batch]) -> list[Step]:
     steps = []
     for batch in batches:
         lengths = document_lengths(batch.segment_ids)
-        steps.append((training_matmul_floor(model, sum(lengths), batch.num_loss_tokens, repeats=2), lengths))
+        seconds = training_matmul_floor(model, sum(lengths), batch.num_loss_tokens, repeats=2)
+        steps.append((seconds, lengths, batch.num_loss_tokens))
     return steps
 
 
@@ -212,13 +218,16 @@ def time_trl(model_dir: str, chats: list[list[dict]], examples: list[Example], w
         same_ids = sorted(map(tuple, trainer.train_dataset["input_ids"])) == sorted(tuple(e.ids) for e in examples)
 
         # The trainer's own collator, wrapped to note what each step trains; batches are collated
-        # in step order.
+        # in step order. Loss tokens are credited as tokenize_chat counts them, the same for both.
         lengths: list[list[int]] = []
+        loss_tokens: list[int] = []
         collate = trainer.data_collator
+        ours = {tuple(e.ids): e.num_loss_tokens for e in examples}
 
         def recording_collate(features):
             batch = collate(features)
             lengths.append((batch["attention_mask"].sum(1) - 1).tolist())  # n ids: n - 1 targets
+            loss_tokens.append(sum(ours.get(tuple(f["input_ids"]), 0) for f in features))
             return batch
 
         trainer.data_collator = recording_collate
@@ -226,7 +235,7 @@ def time_trl(model_dir: str, chats: list[list[dict]], examples: list[Example], w
         trainer.train()
     seconds = [b - a for a, b in zip([start] + ends, ends)]
     assert len(lengths) == len(seconds), f"{len(lengths)} batches collated for {len(seconds)} steps"
-    return list(zip(seconds, lengths))[warmup:], same_ids
+    return list(zip(seconds, lengths, loss_tokens))[warmup:], same_ids
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark helpers whose mistakes would bias a comparison."""
 
-from nanopost.benchmark import alternate_rounds, bench_config, training_matmul_floor, training_matmuls
+from nanopost.benchmark import alternate_rounds, bench_config, training_flops, training_matmul_floor, training_matmuls
 from nanopost.model import Transformer
 
 
@@ -29,3 +29,15 @@ def test_training_matmuls_are_three_per_linear_with_the_lm_head_and_what_feeds_i
     assert len(shapes) == 3 * (7 * cfg.num_hidden_layers + 1)
     assert flops == expected
     assert training_matmul_floor(model, n, loss, repeats=1) > 0
+
+
+def test_training_flops_count_what_feeds_the_lm_head_at_the_loss_tokens_only():
+    cfg = bench_config("tiny")
+    model = Transformer(cfg)
+    lengths, loss = [30, 20], 11
+    full, needed = training_flops(model, lengths), training_flops(model, lengths, loss)
+    h = cfg.hidden_size
+    tail = cfg.num_attention_heads * cfg.head_dim * h + 3 * h * cfg.intermediate_size + h * cfg.vocab_size
+    assert full - needed == 3 * 2 * tail * (50 - loss)
+    # A loss at every position needs all of it.
+    assert training_flops(model, lengths, 50) == full
