@@ -33,8 +33,8 @@ taken over the rest. The two take turns (--rounds, a fresh process each), each s
 its round of lowest median, and every round's ratio of medians is printed as well, so a slow
 spell of the machine cannot fall on one side only and the noise is visible. Model FLOPs of a step are sampling +
 reference forward + 3x forward for the update, over prompt + completion positions
-(nanopost.benchmark.grpo_step_flops); the fraction is of the fp32 matmul peak measured at the
-start of the run. nanopost computes each group's shared prompt once (SharedPrefix), so it runs
+(nanopost.benchmark.grpo_step_flops); the fraction is of the best fp32 matmul peak measured at
+the start of the run and in every round (other processes can only lower a measurement). nanopost computes each group's shared prompt once (SharedPrefix), so it runs
 fewer FLOPs than this count: its fraction measures the same work as TRL's, not its hardware use. nanopost's step is split with its own timers (time_generate, time_score,
 time_update in metrics.jsonl), the reference logprob pass inside `update_policy` timed by a
 stopwatch around its `sequence_logprobs` call.
@@ -126,10 +126,12 @@ def main() -> None:
                 for i, (q, n) in enumerate(zip(questions, prompt_lengths)):
                     f.write(json.dumps({"prompt": q, "answer": "0", "id": i, "prompt_tokens": n}) + "\n")
 
-            sides = {"nanopost": lambda: run_isolated(worker + ["--worker", "nanopost", "--dir", str(d)], env)}
+            sides = {"nanopost": lambda: run_isolated(worker + ["--worker", "nanopost", "--dir", str(d)], env),
+                     "peak": matmul_peak_flops}
             if run_trl:
                 sides["trl"] = lambda: run_isolated(worker + ["--worker", "trl", "--dir", str(d)], env)
             runs = alternate_rounds(sides, args.rounds)
+            peak = max(peak, *runs["peak"])
             ours = min(runs["nanopost"], key=lambda r: statistics.median(r["seconds"]))
             line = f"{size:6s} {model.num_params() / 1e6:6.1f}M | " + summary(model, ours, peak, 15)
             if run_trl:
@@ -141,6 +143,7 @@ def main() -> None:
                                   for o, t in zip(runs["nanopost"], runs["trl"]))
                 line += " | " + summary(model, theirs, peak, 10) + f" | {speed_up:7.2f}x (rounds: {rounds})"
             print(line, flush=True)
+            print(f"{'':6s} (of the best peak measured so far, {peak / 1e9:.0f} GFLOP/s)", flush=True)
             splits.append((size, ours))
 
     print("\nnanopost's median step (by its time_step), split by the library's own timers, in seconds:")

@@ -23,10 +23,12 @@ the end of the previous one, so TRL's data collation and callbacks are inside it
 `warmup` steps are left out, and tok/s and FLOP/s are those of the fastest timed step over all
 rounds: the two sides take turns (--rounds), so a slow spell of the machine cannot fall on one
 side only, and each round's ratio of fastest steps is printed as well. Model FLOPs
-are 3x the forward FLOPs, with the LM head, and the last layer's output projection and MLP that
-only it reads, at the loss tokens (see nanopost.benchmark.training_flops): the work the loss
-needs, credited alike to both sides. The fraction is of the best fp32 matmul peak measured
-before each size and in every round, since other processes can only lower a measurement.
+are 3x the forward FLOPs of every position (see nanopost.benchmark.training_flops), credited
+alike to both sides. nanopost runs fewer: the LM head, and the last layer's output projection
+and MLP that only it reads, run at the loss tokens alone. So the line under each size also
+gives the fraction counting only that needed work, nanopost's hardware use. Fractions are of
+the best fp32 matmul peak measured before each size and in every round, since other processes
+can only lower a measurement.
 
 The ceiling column times, for each timed batch, the matmuls of its linear layers alone
 (nanopost.benchmark.training_matmul_floor: forward, input gradient and weight gradient of every
@@ -133,7 +135,11 @@ def main() -> None:
                 line += " | " + rates(model, theirs, peak, 9)
                 rounds = " ".join(f"{speed_up(o, t):.2f}" for o, (t, _) in zip(runs["nanopost"], runs["trl"]))
                 line += f" | {speed_up(ours, theirs):7.2f}x (rounds: {rounds})"
+            needed = f"nanopost {needed_share(model, ours, peak)}"
+            if run_trl:
+                needed += f", TRL {needed_share(model, theirs, peak)}"
         print(line, flush=True)
+        print(f"{'':6s} of peak counting only the FLOPs the loss needs: {needed}", flush=True)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
@@ -143,8 +149,14 @@ def best_step(steps: list[Step]) -> Step:
 
 
 def rates(model: Transformer, steps: list[Step], peak: float, width: int) -> str:
+    seconds, lengths, _ = best_step(steps)
+    return f"{sum(lengths) / seconds:{width}.0f} {training_flops(model, lengths) / seconds / peak:7.1%}"
+
+
+def needed_share(model: Transformer, steps: list[Step], peak: float) -> str:
+    """The best step's FLOP/s as a share of the peak, counting only the work its loss needs."""
     seconds, lengths, loss_tokens = best_step(steps)
-    return f"{sum(lengths) / seconds:{width}.0f} {training_flops(model, lengths, loss_tokens) / seconds / peak:7.1%}"
+    return f"{training_flops(model, lengths, loss_tokens) / seconds / peak:.1%}"
 
 
 def speed_up(ours: list[Step], theirs: list[Step]) -> float:
