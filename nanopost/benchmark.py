@@ -111,8 +111,7 @@ def training_matmuls(model: Transformer, positions: int, loss_tokens: int) -> li
     weight's dyᵀ·x. Attention's matmuls are left out, so the list is the least work training
     can do."""
     shapes = []
-    last = model.model.layers[-1]
-    tail = {last.self_attn.o_proj, last.mlp.gate_proj, last.mlp.up_proj, last.mlp.down_proj}
+    tail = set(_after_last_attention(model))
     linears = [(m, loss_tokens if m in tail else positions)
                for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
     for linear, n in linears + [(model.lm_head, loss_tokens)]:
@@ -185,10 +184,16 @@ def training_flops(model: Transformer, lengths: Iterable[int], loss_tokens: int 
     lengths = list(lengths)
     flops = 3.0 * forward_flops(model, lengths)
     if loss_tokens is not None:
-        last = model.model.layers[-1]
-        tail = [last.self_attn.o_proj, last.mlp.gate_proj, last.mlp.up_proj, last.mlp.down_proj, model.lm_head]
+        tail = [*_after_last_attention(model), model.lm_head]
         flops -= 3.0 * 2 * sum(m.weight.numel() for m in tail) * (sum(lengths) - loss_tokens)
     return flops
+
+
+def _after_last_attention(model: Transformer) -> list[torch.nn.Linear]:
+    """The last layer's output projection and MLP: only the LM head reads what they compute, so
+    a forward asked for logits at some positions runs them there alone (Block's `keep`)."""
+    last = model.model.layers[-1]
+    return [last.self_attn.o_proj, last.mlp.gate_proj, last.mlp.up_proj, last.mlp.down_proj]
 
 
 def forward_flops(model: Transformer, lengths: Iterable[int]) -> float:

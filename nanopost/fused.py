@@ -112,7 +112,7 @@ class RopeFn(torch.autograd.Function):
 
 class QKVRopeFn(torch.autograd.Function):
     """The attention's inputs from its layer input: q, k and v projected by one matmul over
-    [Wq; Wk; Wv], laid out as [B, heads, T, D] (each contiguous), q and k rotated by RoPE.
+    [Wq; Wk; Wv], laid out as [B, heads, T, D] (each contiguous in fp32), q and k rotated by RoPE.
 
     x [..., hidden] holds the rows of a [B, T] grid, or with `slot` ([N]) N positions that
     `slot` places in it (zeros elsewhere: packed documents, one per grid row). The backward is
