@@ -26,18 +26,20 @@ output row, so neither sampler can draw it, and both still run their usual stop-
 It is the only id the model has no row for, and no prompt contains it. Both sides assert that
 every completion has 64 tokens.
 
-Each framework runs in a process of its own, so their peak resident memory (VmHWM) does not
-mix; "imports" is that peak once the framework is imported, before any model is loaded. A step is
+Each framework runs in a process of its own, so their peak resident memory (VmHWM) does not mix;
+"imports" is that peak once the framework is imported, before any model is loaded. A step is
 timed from the end of the previous one; the first `warmup` steps are left out and medians are
 taken over the rest. The two take turns (--rounds, a fresh process each), each side's report is
 its round of lowest median, and every round's ratio of medians is printed as well, so a slow
-spell of the machine cannot fall on one side only and the noise is visible. Model FLOPs of a step are sampling +
-reference forward + 3x forward for the update, over prompt + completion positions
-(nanopost.benchmark.grpo_step_flops); the fraction is of the best fp32 matmul peak measured at
-the start of the run and in every round (other processes can only lower a measurement). nanopost computes each group's shared prompt once (SharedPrefix), so it runs
-fewer FLOPs than this count: its fraction measures the same work as TRL's, not its hardware use. nanopost's step is split with its own timers (time_generate, time_score,
-time_update in metrics.jsonl), the reference logprob pass inside `update_policy` timed by a
-stopwatch around its `sequence_logprobs` call.
+spell of the machine cannot fall on one side only and the noise is visible. Model FLOPs of a
+step are sampling + reference forward + 3x forward for the update, over prompt + completion
+positions (nanopost.benchmark.grpo_step_flops); the fraction is of the best fp32 matmul peak
+measured at the start of the run and in every round (other processes can only lower a
+measurement). nanopost computes each group's shared prompt once (SharedPrefix), so it runs fewer
+FLOPs than this count: its fraction measures the same work as TRL's, not its hardware use.
+nanopost's step is split with its own timers (time_generate, time_score, time_update in
+metrics.jsonl), the reference logprob pass inside `update_policy` timed by a stopwatch around
+its `sequence_logprobs` call.
 
 Run it on an idle machine. With other processes busy, every multi-threaded op can wait a whole
 scheduler time slice for its slowest thread, and steps become many times slower at random;
