@@ -7,9 +7,11 @@ from the batch (in chunks, since each drop copies the cache), so finished rows s
 compute.
 
 The returned log-probabilities are those of the *tempered, untruncated* distribution,
-log_softmax(logits / T), at the sampled tokens: exactly what the GRPO loss recomputes, so the
-importance ratio is 1 at the first inner step. top-k / top-p only restrict which tokens can be
-drawn. At temperature 0 decoding is greedy and the logprobs are those of log_softmax(logits).
+log_softmax(logits / T), at the sampled tokens: exactly what an fp32 GRPO loss recomputes, so the
+importance ratio is 1 at the first inner step (a bf16 learner uses its own, see nanopost.rl).
+top-k / top-p only restrict which tokens can be drawn, exactly as transformers and vLLM restrict
+them: temperature, then top-k, then top-p on the distribution renormalised after top-k. At
+temperature 0 decoding is greedy and the logprobs are those of log_softmax(logits).
 """
 
 from __future__ import annotations
@@ -71,17 +73,26 @@ def sample_token(
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-    logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)  # [B, V]
+    scaled = logits if temperature == 1 else logits / temperature
+    logp = torch.log_softmax(scaled, dim=-1)  # [B, V]
     allowed = logp
-    if top_k and top_k < logp.shape[-1]:
-        kth = logp.topk(top_k, dim=-1).values[:, -1:]
-        allowed = allowed.masked_fill(logp < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logp, order = allowed.sort(dim=-1, descending=True)
-        before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above
-        drop_sorted = before >= top_p  # the top token is always kept (its `before` is 0)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        allowed = allowed.masked_fill(drop, float("-inf"))
+    if (top_k and top_k < logp.shape[-1]) or top_p < 1.0:
+        # transformers' TopK then TopP warpers (and vLLM), op for op, so that ties and the top-p
+        # boundary fall the same way: top-k keeps every token tied with the k-th value; top-p
+        # works on the distribution renormalised after top-k, sorted ascending, and drops each
+        # token whose mass together with all below it is <= 1 - top_p (the top token always stays).
+        kept = scaled
+        if top_k and top_k < logp.shape[-1]:
+            kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+            removed = scaled < kth
+            kept = scaled.masked_fill(removed, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = kept.sort(dim=-1)
+            drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop_sorted[:, -1] = False
+            # Tokens top-k removed have zero mass and sort first, so this drops them again.
+            removed = drop_sorted.scatter(-1, order, drop_sorted)
+        allowed = logp.masked_fill(removed, float("-inf"))
     # Inverse-CDF draw: one uniform per row instead of one random number per vocabulary entry
     # (multinomial and Gumbel tricks cost ~10x more on CPU), and no host sync.
     cdf = allowed.exp().cumsum(-1)  # [B, V], unnormalised when top-k/top-p removed tokens
