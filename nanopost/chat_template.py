@@ -20,7 +20,10 @@ exactly the text transformers' `apply_chat_template` produces for that template:
 Recognition is strict. A template must write no text outside its {{ }} and {% %} tags once
 Jinja's whitespace rules (as transformers configures them) are applied, and must contain, up to
 whitespace, every statement that decides what its family renders. Anything else raises
-ValueError saying what was found; nothing is guessed. Only plain conversations are rendered:
+ValueError saying what was found, and naming the override; nothing is guessed. A fine-tuned
+checkpoint often carries a lightly edited template: `chat_format_override(family)` renders it as
+the named family instead (`--chat-format` in the scripts), with that family's defaults.
+Only plain conversations are rendered:
 system / user / assistant messages with string content (and, for Qwen3, an optional
 reasoning_content); tools, tool calls and multimodal content are rejected.
 """
@@ -32,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import Literal
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "reasoning_content")
@@ -39,6 +43,24 @@ MESSAGE_KEYS = ("role", "content", "reasoning_content")
 SUPPORTED = (
     "plain ChatML, Qwen2-style ChatML with a default system prompt, Qwen2.5, "
     "Qwen3 (incl. the 2507 thinking variant), Llama 3, Llama 3.1/3.2/3.3"
+)
+
+# The token each family closes a turn with: the last token of every reply the model writes, so
+# both what SFT teaches the model to end with and a token sampling stops on.
+END_OF_TURN = {
+    "chatml": "<|im_end|>",
+    "qwen3": "<|im_end|>",
+    "llama3": "<|eot_id|>",
+    "llama3.1": "<|eot_id|>",
+}
+FAMILIES = tuple(END_OF_TURN)
+# The scripts' --chat-format option: its type (checked when parsed) and its help.
+ChatFormatName = Literal["chatml", "qwen3", "llama3", "llama3.1"]
+CHAT_FORMAT_HELP = ("chatml | qwen3 | llama3 | llama3.1: render the chat template as this family when it is an "
+                    "edited one the recogniser refuses (kept in the saved tokenizer_config.json)")
+OVERRIDE_HINT = (
+    f"if it is an edited version of one of these, render it as that family with "
+    f"--chat-format {'|'.join(FAMILIES)} (chat_format= in Python)"
 )
 
 
@@ -53,6 +75,27 @@ class ChatFormat:
     always_generation_prompt: bool = False  # llama3: the first release always appended it
     knowledge_cutoff: str | None = None  # llama3.1
     default_date: str | None = None  # llama3.1: None means today's date, as strftime_now gives
+
+    @property
+    def end_of_turn(self) -> str:
+        return END_OF_TURN[self.family]
+
+
+def chat_format_override(family: str) -> ChatFormat:
+    """The format a template is rendered as when the user names its family (--chat-format).
+
+    Each family takes its released template's defaults: plain ChatML (no default system message:
+    give one with --system), Qwen3 with the optional think prompt, Llama 3 with the generation
+    prompt only when asked, Llama 3.1 with its knowledge cutoff and fixed default date.
+    """
+    if family not in END_OF_TURN:
+        raise ValueError(f"chat format must be one of {', '.join(FAMILIES)}; got {family!r}")
+    name = f"{family} (set by --chat-format)"
+    if family == "qwen3":
+        return ChatFormat(name=name, family=family, think_prompt="optional")
+    if family == "llama3.1":
+        return ChatFormat(name=name, family=family, knowledge_cutoff="December 2023", default_date="26 Jul 2024")
+    return ChatFormat(name=name, family=family)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +511,7 @@ def detect_chat_format(template: str, source: str = "chat_template") -> ChatForm
         raise ValueError(
             f"{source}: unrecognised chat template: it writes literal text {text[:40]!r} at "
             f"character {offset}, outside its tags, which none of the supported templates do "
-            f"(supported: {SUPPORTED}). Template begins {template[:80]!r}"
+            f"(supported: {SUPPORTED}; {OVERRIDE_HINT}). Template begins {template[:80]!r}"
         )
     near = []
     for family, marker, recognise in _RECOGNISERS:
@@ -479,7 +522,7 @@ def detect_chat_format(template: str, source: str = "chat_template") -> ChatForm
                 near.append(f"{family}: {e}")
     found = "; ".join(near) if near else "no marker of a supported family"
     raise ValueError(
-        f"{source}: unrecognised chat template ({found}). Supported: {SUPPORTED}. "
+        f"{source}: unrecognised chat template ({found}). Supported: {SUPPORTED}; {OVERRIDE_HINT}. "
         f"Template begins {template[:80]!r}"
     )
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,11 +46,12 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved beside the weights (tokenizer.json + tokenizer_config.json)."""
+def load_tokenizer(path: str | os.PathLike, *, chat_format: str | None = None):
+    """The tokenizer saved beside the weights (tokenizer.json + tokenizer_config.json, and
+    generation_config.json's end tokens); chat_format overrides template recognition."""
     from .tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(path)
+    return Tokenizer.from_dir(path, chat_format=chat_format)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -148,8 +151,13 @@ def save_model(
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
+    generation_config: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write config.json, generation_config.json and safetensors weights (sharded above max_shard_bytes)."""
+    """Write config.json, generation_config.json and safetensors weights (sharded above max_shard_bytes).
+
+    generation_config's fields (e.g. the stop tokens as eos_token_id) go over the token ids of
+    the model's config.
+    """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -163,6 +171,7 @@ def save_model(
     write_atomic(root / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2) + "\n"))
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    gen.update(generation_config or {})
     write_atomic(root / "generation_config.json", lambda f: Path(f).write_text(json.dumps(gen, indent=2) + "\n"))
 
     shards = _split(state, max_shard_bytes)

@@ -163,7 +163,7 @@ def estimate_pass_rates(
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             out = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
-                           temperature=temperature, stop_token_ids=[tokenizer.eos_token_id],
+                           temperature=temperature, stop_token_ids=tokenizer.stop_token_ids,
                            generator=generator, pad_token_id=tokenizer.pad_token_id)
             for j, i in enumerate(chunk):
                 text = tokenizer.decode(out.completion(j), skip_special_tokens=True)
@@ -225,6 +225,12 @@ class Stage:
     quantiles: tuple[float, float] | None = None
     temperature: float | None = None
     group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        # Refused here rather than at the first sampling step of the stage, which may be hours in.
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"Stage(until={self.until}): temperature must be > 0 to sample GRPO groups "
+                             f"(greedy groups have zero variance, so no advantage), got {self.temperature}")
 
     @property
     def filters(self) -> bool:
@@ -320,8 +326,6 @@ class CurriculumSampler:
         for i, s in enumerate(self.stages):
             if s.quantiles is not None and not 0.0 <= s.quantiles[0] <= s.quantiles[1] <= 1.0:
                 raise ValueError(f"stage {i}: quantiles must be (lo, hi) with 0 <= lo <= hi <= 1, got {s.quantiles}")
-            if s.temperature is not None and not s.temperature >= 0:
-                raise ValueError(f"stage {i}: temperature must be >= 0, got {s.temperature}")
             if s.group_size is not None and s.group_size < 2:
                 raise ValueError(f"stage {i}: group_size must be >= 2, got {s.group_size}")
         return bounds

@@ -32,14 +32,6 @@ from nanopost.tokenizer import Tokenizer
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "reasoning_content")
 
-# The token each chat family closes a turn with: the last token of every reply the model writes.
-END_OF_TURN = {
-    "chatml": "<|im_end|>",
-    "qwen3": "<|im_end|>",
-    "llama3": "<|eot_id|>",
-    "llama3.1": "<|eot_id|>",
-}
-
 PAD_SEGMENT = -1  # segment id of padding positions in a Batch
 
 
@@ -313,7 +305,7 @@ def tokenize_chat(
             "tokenize_chat: the conversation starts with an assistant turn; it needs a prompt before it"
         )
     messages = messages[: last + 1]
-    end_of_turn = END_OF_TURN[tokenizer.chat_format.family]
+    end_of_turn = tokenizer.end_of_turn  # one of the tokens sampling stops on
 
     def render(msgs: list[dict], generation_prompt: bool = False) -> str:
         return tokenizer.apply_chat_template(msgs, generation_prompt, **template_options)

@@ -60,7 +60,7 @@ def completions(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         out = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                       stop_token_ids=[tokenizer.eos_token_id], generator=generator,
+                       stop_token_ids=tokenizer.stop_token_ids, generator=generator,
                        pad_token_id=tokenizer.pad_token_id)
         texts += [tokenizer.decode(out.completion(i), skip_special_tokens=True) for i in range(len(chunk))]
     return texts

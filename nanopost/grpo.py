@@ -16,10 +16,13 @@ The objective (maximised; `policy_loss` returns its negative)
 
     with dual-clip (c > 1), for Â_i < 0 the per-token loss is also capped at −c·Â_i.
 
-Agg is one of (|o_i| = Σ_t mask_it):
+Agg is one of (|o_i| = Σ_t mask_it; N = the rows with |o_i| > 0):
     "seq-mean-token-mean"      (1/N) Σ_i (1/|o_i|) Σ_t ℓ_it        GRPO paper
     "token-mean"               (1/Σ_i |o_i|) Σ_i Σ_t ℓ_it          DAPO
     "seq-mean-token-sum-norm"  (1/(N·L_max)) Σ_i Σ_t ℓ_it          Dr. GRPO
+
+A row with no loss token (padding only, or masked out whole by the overlong filter) is not
+counted in N, as in verl's agg_loss: otherwise the update would shrink as truncation rises.
 
 Every choice, its default here, and where it comes from
 --------------------------------------------------------
@@ -60,7 +63,8 @@ Global normalisers (gradient accumulation, data parallel)
 ---------------------------------------------------------
 By default the normaliser comes from the tensors passed in. To split one batch over micro-batches
 or processes and get the same update, pass the whole batch's counts: `num_tokens=` (token-mean:
-Σ mask over the whole batch) or `num_seqs=` (the seq-* modes: rows in the whole batch). Each
+Σ mask over the whole batch) or `num_seqs=` (the seq-* modes: rows of the whole batch that have
+at least one loss token). Each
 call then returns its share, and the shares *sum* to the full-batch loss. Data-parallel
 wrappers that average gradients over W processes need the loss multiplied by W.
 
@@ -213,7 +217,7 @@ def policy_loss(
     ref_logp [N, T]    log π_ref; needed for beta > 0, and logs the KL when given with beta = 0
     max_len            "seq-mean-token-sum-norm" constant; defaults to T
     num_tokens         override for Σ mask ("token-mean" only)
-    num_seqs           override for N (the "seq-*" modes only)
+    num_seqs           override for N, the rows with loss tokens (the "seq-*" modes only)
 
     Per token: ℓ = −min(ρ·A, clip(ρ, 1 − clip_low, 1 + clip_high)·A) + beta·KL, then for A < 0
     and dual_clip = c the policy part is capped at −c·A. See the module docstring for the rest.
@@ -281,15 +285,17 @@ def _aggregate(
     num_tokens: int | float | Tensor | None,
     num_seqs: int | float | Tensor | None,
 ) -> Tensor:
-    n_rows, length = per_token.shape
+    length = per_token.shape[1]
     if agg == "token-mean":
         total = keep.sum() if num_tokens is None else num_tokens
         return masked_sum(per_token, keep) / _at_least_one(total, per_token)
-    rows = n_rows if num_seqs is None else num_seqs
+    # Only rows with loss tokens count (as verl's agg_loss): a row masked out entirely (e.g. by
+    # the overlong filter) must not shrink every other row's weight.
+    rows = keep.any(dim=1).sum() if num_seqs is None else num_seqs
     if agg == "seq-mean-token-mean":
         per_seq = masked_mean(per_token, keep, dim=1)  # [N]; an empty row contributes 0
         return per_seq.sum() / _at_least_one(rows, per_token)
-    # seq-mean-token-sum-norm: a constant normaliser, so no token's weight depends on lengths
+    # seq-mean-token-sum-norm: a constant length budget, so no token's weight depends on lengths
     budget = length if max_len is None else max_len
     return masked_sum(per_token, keep) / (_at_least_one(rows, per_token) * budget)
 

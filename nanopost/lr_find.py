@@ -27,6 +27,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
+from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .checkpoint import load_model, load_tokenizer
 from .data import pack_examples
 from .plot import ema
@@ -39,6 +40,7 @@ from .sft import SFTConfig, accumulate_gradients, prepare
 class LRFindConfig:
     model: str = field(default="", metadata={"help": "HF checkpoint directory"})
     train: str = field(default="", metadata={"help": "SFT training JSONL"})
+    chat_format: ChatFormatName | None = field(default=None, metadata={"help": CHAT_FORMAT_HELP})
     out: str = field(default="runs/lr_find", metadata={"help": "directory for lr_find.csv/.json/.png"})
     start_lr: float = 1e-7
     end_lr: float = 1.0
@@ -140,7 +142,7 @@ def sft_step_fn(cfg: LRFindConfig, log: Callable[[str], object] = print) -> Call
     """One SFT optimizer step at a given lr, over the training data in order (cycling)."""
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
     model = load_model(cfg.model, device=device, dtype=torch.float32)
     model.train()
     sft = SFTConfig(model=cfg.model, train=cfg.train, max_len=cfg.max_len, overflow=cfg.overflow)

@@ -8,7 +8,8 @@
                              {"prompt", "completion", "label"}, checked line by line
     train_reward_model       the training loop; evaluate_reward_model for held-out data
     ModelReward              a trained reward model as a reward function, scoring in batches
-    RewardEnsemble           several reward models combined: mean, min, or mean - lam * std
+    RewardEnsemble           several reward models combined: mean, min, or mean - lam * std,
+                             each member standardised within each prompt's completions first
 
 A conversation is scored as the chat template renders it: the prompt as the user turn, the
 completion as the assistant turn, tokenised exactly as `data.tokenize_chat` does for SFT (so the
@@ -594,6 +595,7 @@ class ModelReward:
 
 
 ENSEMBLE_MODES = ("mean", "min", "mean_minus_std")
+ENSEMBLE_NORMALIZE = ("group", "none")
 
 
 def combine_scores(per_member: Mapping[str, Sequence[float]], mode: str = "mean", lam: float = 1.0) -> list[float]:
@@ -624,27 +626,63 @@ def combine_scores(per_member: Mapping[str, Sequence[float]], mode: str = "mean"
     return out.tolist()
 
 
+def standardize_by_prompt(scores: Sequence[float], prompts: Sequence[str], eps: float = 1e-6) -> list[float]:
+    """(s - mean) / (std + eps) over the scores of each prompt's completions, std unbiased (n - 1).
+
+    A prompt with a single completion, or whose scores all agree, gets 0: no signal within it.
+    """
+    if len(scores) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts for {len(scores)} scores")
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    out = [0.0] * len(scores)
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        values = torch.tensor([float(scores[i]) for i in idx], dtype=torch.float64)
+        std = values.std().item()
+        if std == 0.0:
+            continue
+        for i, v in zip(idx, ((values - values.mean()) / (std + eps)).tolist()):
+            out[i] = v
+    return out
+
+
 class RewardEnsemble:
     """Several reward models scoring the same completions, combined by `combine_scores`.
 
-    Each member normalises its own scores (see ModelReward), which matters here: a mean or a min
-    over members on different scales is dominated by the widest one. The per-member scores are
-    returned with the combination so that each can be logged: a member that the policy has
-    learnt to exploit shows up as one curve rising away from the others.
+    A reward model's scale and offset are arbitrary, and a mean or a min over members on different
+    scales is dominated by the widest one. So by default (normalize="group") each member's scores
+    are standardised before they are combined, over the completions of the same prompt in the
+    call (a GRPO group): (s - group mean) / (group std + 1e-6), std unbiased (n - 1); a prompt
+    with one completion, or whose completions a member scores alike, gets 0 from that member.
+    Groups never straddle processes, so the result does not depend on how a batch is split, and
+    only differences within a group reach GRPO's advantages anyway. normalize="none" combines the
+    members' scores as they come (each may still normalise itself, see ModelReward).
+
+    The raw per-member scores are returned with the combination so that each can be logged: a
+    member that the policy has learnt to exploit shows up as one curve rising away from the others.
     """
 
-    def __init__(self, members: Mapping[str, ModelReward], mode: str = "mean", lam: float = 1.0):
+    def __init__(self, members: Mapping[str, ModelReward], mode: str = "mean", lam: float = 1.0,
+                 normalize: str = "group"):
         if not members:
             raise ValueError("RewardEnsemble needs at least one member")
         if mode not in ENSEMBLE_MODES:
             raise ValueError(f"mode must be one of {', '.join(ENSEMBLE_MODES)}, got {mode!r}")
-        self.members, self.mode, self.lam = dict(members), mode, lam
+        if normalize not in ENSEMBLE_NORMALIZE:
+            raise ValueError(f"normalize must be one of {', '.join(ENSEMBLE_NORMALIZE)}, got {normalize!r}")
+        self.members, self.mode, self.lam, self.normalize = dict(members), mode, lam, normalize
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
         per_member = {name: m.score(prompts, completions) for name, m in self.members.items()}
         if not completions:
             return [], per_member
-        return combine_scores(per_member, self.mode, self.lam), per_member
+        combined = per_member
+        if self.normalize == "group":
+            combined = {name: standardize_by_prompt(v, prompts) for name, v in per_member.items()}
+        return combine_scores(combined, self.mode, self.lam), per_member
 
     def score_batch(
         self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]
@@ -653,3 +691,12 @@ class RewardEnsemble:
 
     def __call__(self, completion: str, sample: Mapping[str, Any]) -> float:
         return self.score_batch([completion], [sample])[0][0]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The members' own state (running statistics), for a training checkpoint."""
+        return {name: m.state_dict() for name, m in self.members.items() if hasattr(m, "state_dict")}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, member_state in state.items():
+            if name in self.members:  # a member dropped since the save has nothing to restore
+                self.members[name].load_state_dict(member_state)

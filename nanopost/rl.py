@@ -16,14 +16,23 @@ Choices, and where this loop departs from the textbook (DeepSeekMath) GRPO:
  2. Token-mean aggregation by default (DAPO): every generated token weighs the same, so long
     answers are neither favoured nor diluted by per-sequence averaging.
  3. Clip-higher (clip_high 0.28 > clip_low 0.2, DAPO): rare tokens can gain probability, which
-    keeps entropy from collapsing.
- 4. Old logprobs come from the sampling pass, so mu = 1 costs no extra forward. They are
-    log_softmax(logits / T) at the sampled tokens, and the loss recomputes exactly that, so the
-    trained distribution is the sampled one (the ratio starts at 1).
+    keeps entropy from collapsing. Sequence-level ratios (--importance sequence, GSPO) default
+    to GSPO's own clip range (3e-4 / 4e-4) and per-sequence aggregation instead (GRPOConfig).
+ 4. Old logprobs are the learner's own, in the learner's precision. The sampler decodes in fp32
+    and keeps log_softmax(logits / T) at the sampled tokens; an fp32 learner recomputes exactly
+    that, so those serve as old logprobs and mu = 1 costs no extra forward. Under bf16 autocast
+    the learner's logprobs differ from the sampler's by rounding, and a ratio off 1 by rounding
+    lets the clip act on noise; so with a single optimizer step (mu = 1, one mini-batch) the old
+    logprobs are the step's own, detached (the ratio is exactly 1, as in verl), and otherwise
+    one no-grad bf16 forward computes them for every row before the first step. Either way the
+    update logs how far the learner is from the sampler over the loss tokens of its first
+    optimizer step (before any update): `logp_mismatch_mean`, the mean |learner - sampler| logprob,
+    and `ratio_max_sampler`, the largest exp(learner - sampler).
  5. Groups whose rewards all agree carry no signal (zero advantage); dynamic sampling drops
     them so they do not dilute the token mean, and "refill" draws new prompts to replace them.
  6. Truncated completions may be masked out of the loss (overlong filtering) or get DAPO's soft
-    length penalty over the last `overlong_buffer` tokens before max_new_tokens.
+    length penalty over the last `overlong_buffer` tokens before max_new_tokens, a reward term
+    named "overlong" combined with the others by `reward_mode` (see `collect`).
  7. The temperature follows a schedule (constant, linear, cosine or per-stage), used both for
     sampling and for the loss logprobs, and logged each step.
 
@@ -48,6 +57,7 @@ from typing import Callable, Literal
 import torch
 
 from . import distributed
+from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .checkpoint import load_model, load_tokenizer, save_model
 from .curriculum import PromptSampler, UniformSampler
 from .data import load_rl, tokenize_prompt
@@ -65,13 +75,31 @@ from .schedules import lr_at, set_lr, temperature_at
 from .tokenizer import Tokenizer
 
 
+# What --importance gives clip_low, clip_high and agg when they are left unset (None):
+# token level, DAPO's clip-higher and token mean; sequence level (GSPO, arXiv 2507.18071), the
+# paper's clip range, sized for a length-normalised ratio that stays within ~1e-3 of 1, and the
+# per-sequence mean its objective is written with (verl forces it for GSPO).
+IMPORTANCE_DEFAULTS = {"token": (0.2, 0.28, "token-mean"), "sequence": (3e-4, 4e-4, "seq-mean-token-mean")}
+
+
 @dataclass
 class GRPOConfig:
+    """Every option of a GRPO run (`--help` lists them with their defaults).
+
+    clip_low, clip_high and agg default to None, "the default of the importance level": 0.2 /
+    0.28 / token-mean for --importance token, 3e-4 / 4e-4 / seq-mean-token-mean for sequence
+    (IMPORTANCE_DEFAULTS). A token-level clip range of 0.2 around GSPO's sequence ratio clips
+    almost nothing, so a fixed default would silently be wrong for one of the two. None is
+    resolved when the config is built (so the saved config.json shows the values used); a value
+    given explicitly, on the command line, in a file or to the constructor, is always kept.
+    """
+
     model: str = field(default="", metadata={"help": "HF checkpoint directory of the policy to start from"})
     train: str = field(default="", metadata={"help": "RL JSONL: {prompt|question, answer, difficulty?, id?}"})
     val: str | None = field(default=None, metadata={"help": "held-out RL JSONL for accuracy"})
     out: str = "runs/grpo"
     task: str | None = field(default=None, metadata={"help": "arithmetic | countdown | gsm8k: the task's answer check for eval"})
+    chat_format: ChatFormatName | None = field(default=None, metadata={"help": CHAT_FORMAT_HELP})
     # prompt
     instruction: str = "Solve the problem."
     system: str | None = None
@@ -85,6 +113,9 @@ class GRPOConfig:
     rm_ensemble: Literal["none", "mean", "min", "mean_minus_std"] = field(default="none", metadata={
         "help": "combine all reward models into one reward named 'rm' (members logged)"})
     rm_ensemble_lambda: float = 1.0
+    rm_ensemble_normalize: Literal["group", "none"] = field(default="group", metadata={
+        "help": "group: standardise each member's scores over the completions of each prompt before "
+                "combining, so no member dominates by its scale (members are logged raw); none: raw scores"})
     # rollouts
     steps: int = 100
     prompts_per_step: int = 8
@@ -101,14 +132,21 @@ class GRPOConfig:
     max_refill_rounds: int = 2
     overlong_filter: bool = field(default=False, metadata={"help": "mask truncated completions out of the loss"})
     overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft length penalty over the last N tokens (0: off)"})
-    overlong_penalty: float = 1.0
+    overlong_penalty: float = field(default=1.0, metadata={
+        "help": "weight of that penalty, a reward term named 'overlong' in [-1, 0] combined with the "
+                "others by --reward-mode (normalize_each standardises it per group like them)"})
     # loss
     adv_scale: Literal["group", "batch", "none"] = "group"
-    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    clip_low: float = 0.2
-    clip_high: float = 0.28
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = field(default=None, metadata={
+        "help": "loss aggregation (none: token-mean, or seq-mean-token-mean with --importance sequence)"})
+    clip_low: float | None = field(default=None, metadata={
+        "help": "lower clip range (none: 0.2, or 3e-4 with --importance sequence)"})
+    clip_high: float | None = field(default=None, metadata={
+        "help": "upper clip range (none: 0.28, clip-higher, or 4e-4 with --importance sequence)"})
     dual_clip: float | None = None
-    importance: Literal["token", "sequence"] = "token"
+    importance: Literal["token", "sequence"] = field(default="token", metadata={
+        "help": "token: per-token ratio; sequence: GSPO's length-normalised sequence ratio, with GSPO's "
+                "clip range and aggregation unless --clip-low/--clip-high/--agg are given"})
     beta: float = 0.0
     kl: Literal["k1", "k2", "k3"] = "k3"
     ref_reset_every: int = 0
@@ -138,6 +176,14 @@ class GRPOConfig:
         "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE_DEFAULTS:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE_DEFAULTS)}, got {self.importance!r}")
+        low, high, agg = IMPORTANCE_DEFAULTS[self.importance]
+        self.clip_low = low if self.clip_low is None else self.clip_low
+        self.clip_high = high if self.clip_high is None else self.clip_high
+        self.agg = agg if self.agg is None else self.agg
+
     def validate(self) -> None:
         check_stop_on(self.stop_on)  # at parse time, before any model is loaded
         if not self.model or not self.train:
@@ -148,6 +194,15 @@ class GRPOConfig:
             raise ValueError("at least one reward is needed")
         if self.temperature_schedule == "stages" and not self.temperature_stages:
             raise ValueError("temperature_schedule 'stages' needs --temperature-stages")
+        temperatures = [("--temperature", self.temperature), ("--temperature-end", self.temperature_end)]
+        temperatures += [("--temperature-stages", t) for _, t in self.temperature_stages]
+        for option, t in temperatures:
+            if t is not None and not t > 0:
+                raise ValueError(f"{option} must be > 0, got {t}: GRPO samples its groups, and greedy "
+                                 "groups have zero variance, so no advantage")
+        if self.overlong_buffer > 0 and "overlong" in self.rewards:
+            raise ValueError("--rewards may not name 'overlong' while --overlong-buffer is on: that is "
+                             "the name of the length penalty's own reward term")
 
 
 # ---------------------------------------------------------------- rollouts
@@ -199,20 +254,55 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, pe
 
 
 class RewardScorer:
-    """Named, weighted reward functions applied to decoded completions."""
+    """Named, weighted reward functions applied to decoded completions.
+
+    `known` adds terms whose values are already computed, {name: (values, weight)}: they are
+    combined exactly like the functions (the same weighting, the same per-group normalisation
+    under "normalize_each"). Functions that keep state across calls (a model reward's running
+    statistics) are saved with `state_dict` and restored with `load_state_dict`.
+    """
 
     def __init__(self, weights: dict[str, float], mode: str = "sum", extra: dict[str, Callable] | None = None):
         funcs = dict(extra or {})
         self.funcs = [(name, funcs[name] if name in funcs else sample_reward(name), w) for name, w in weights.items()]
         self.mode = mode
 
-    def __call__(self, texts: list[str], samples: list[dict], group_size: int):
-        total, per = combine_rewards(texts, samples, self.funcs, group_size=group_size, mode=self.mode)
+    def __call__(self, texts: list[str], samples: list[dict], group_size: int,
+                 known: dict[str, tuple[list[float], float]] | None = None):
+        funcs = self.funcs + [(name, _Known(values), w) for name, (values, w) in (known or {}).items()]
+        total, per = combine_rewards(texts, samples, funcs, group_size=group_size, mode=self.mode)
         return torch.tensor(total, dtype=torch.float32), per
+
+    def state_dict(self) -> dict[str, dict]:
+        return {name: fn.state_dict() for name, fn, _ in self.funcs if _stateful(fn)}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for name, fn, _ in self.funcs:
+            if _stateful(fn) and name in state:
+                fn.load_state_dict(state[name])
+
+
+def _stateful(fn) -> bool:
+    return hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict")
+
+
+class _Known:
+    """A reward term whose values are already known (the overlong penalty counts tokens, not text)."""
+
+    def __init__(self, values: list[float]):
+        self.values = values
+
+    def score_batch(self, completions, samples) -> list[float]:
+        return self.values
 
 
 def model_rewards(cfg: GRPOConfig, device) -> dict[str, Callable]:
-    """Reward models named in the config, each a batched reward function (or one ensemble 'rm')."""
+    """Reward models named in the config, each a batched reward function (or one ensemble 'rm').
+
+    An ensemble standardises each member within each prompt's completions before combining them
+    (--rm-ensemble-normalize group, the default): a reward model's scale is arbitrary, and the
+    widest-scaled member would otherwise decide the mean or the min alone.
+    """
     if not cfg.reward_models:
         return {}
     from .reward_model import ModelReward, RewardEnsemble, load_reward_model
@@ -221,7 +311,8 @@ def model_rewards(cfg: GRPOConfig, device) -> dict[str, Callable]:
                for name, path in cfg.reward_models.items()}
     if cfg.rm_ensemble == "none":
         return members
-    return {"rm": RewardEnsemble(members, mode=cfg.rm_ensemble, lam=cfg.rm_ensemble_lambda)}
+    return {"rm": RewardEnsemble(members, mode=cfg.rm_ensemble, lam=cfg.rm_ensemble_lambda,
+                                 normalize=cfg.rm_ensemble_normalize)}
 
 
 def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prompt_ids: list[list[int]],
@@ -231,19 +322,23 @@ def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prom
     t0 = time.perf_counter()
     policy.eval()
     out = generate(policy, prompts, max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-                   top_p=cfg.top_p, top_k=cfg.top_k, stop_token_ids=[tokenizer.eos_token_id],
+                   top_p=cfg.top_p, top_k=cfg.top_k, stop_token_ids=tokenizer.stop_token_ids,
                    generator=generator, pad_token_id=tokenizer.pad_token_id)
     policy.train()
     t1 = time.perf_counter()
     texts = [tokenizer.decode(out.completion(i), skip_special_tokens=True) for i in range(len(prompts))]
     samples = [{**r, "question": r["prompt"]} for r in records for _ in range(G)]
-    rewards, per = scorer(texts, samples, G)
-    penalty = overlong_penalty(out.lengths.cpu(), cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    # DAPO adds its soft overlong penalty to the reward. Here it is one more named term, "overlong"
+    # (values in [-1, 0], weight overlong_penalty), combined with the others by reward_mode: under
+    # "normalize_each" it is standardised per group like every other term, not added raw after them.
+    known = {}
     if cfg.overlong_buffer > 0:
-        per["overlong"] = penalty.tolist()
+        known["overlong"] = (overlong_penalty(out.lengths.cpu(), cfg.max_new_tokens, cfg.overlong_buffer, 1.0).tolist(),
+                             cfg.overlong_penalty)
+    rewards, per = scorer(texts, samples, G, known=known)
     return Rollouts(records=list(records), prompts=prompts, tokens=out.tokens.cpu(),
                     old_logprobs=out.logprobs.cpu(), mask=out.mask.cpu(), finished=out.finished.cpu(),
-                    rewards=rewards + penalty, per_function=per, texts=texts,
+                    rewards=rewards, per_function=per, texts=texts,
                     seconds={"generate": t1 - t0, "score": time.perf_counter() - t1})
 
 
@@ -290,6 +385,25 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torc
     return token_logprobs(logits, tokens, temperature), None
 
 
+def learner_logprobs(policy: Transformer, batch: Rollouts, cfg: GRPOConfig, temperature: float, device,
+                     dist: distributed.Dist) -> torch.Tensor:
+    """[N, T] logprobs of every row in the learner's precision, without grad, on the CPU like the sampler's.
+
+    Each rank computes its block of rows, a micro-batch at a time, and all ranks gather the blocks.
+    The weights are gathered whole first (FSDP2), so ranks need not run the same number of forwards.
+    """
+    mine = distributed.shard(len(batch.prompts), dist)
+    size = max(1, _micro(cfg, len(mine)))
+    parts = [batch.old_logprobs[:0]]
+    with distributed.gathered(policy), torch.no_grad(), autocast(device, cfg.precision):
+        for start in range(mine.start, mine.stop, size):
+            rows = list(range(start, min(start + size, mine.stop)))
+            logp = sequence_logprobs(policy, [batch.prompts[i] for i in rows], batch.tokens[rows].to(device),
+                                     temperature)[0]
+            parts.append(logp.float().cpu())
+    return torch.cat(dist.gather(torch.cat(parts)))
+
+
 def update_policy(policy: Transformer, reference: Transformer | None, optimizer, batch: Rollouts,
                   advantages: torch.Tensor, cfg: GRPOConfig, temperature: float, device, *,
                   dist: distributed.Dist = distributed.Dist(), wrapped: torch.nn.Module | None = None
@@ -320,6 +434,16 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
         t_ref += time.perf_counter() - t0
         return torch.stack([ref_rows[i] for i in rows])
 
+    # Old logprobs in the learner's precision (Choices 4): the sampler's when the learner runs in
+    # fp32 as the sampler does; under autocast a single optimizer step's own, detached, and several
+    # steps' from one no-grad pass before the first.
+    mixed = isinstance(autocast(device, cfg.precision), torch.autocast)
+    own_old = mixed and cfg.mu == 1 and cfg.minibatches <= 1
+    old_logprobs = batch.old_logprobs
+    if mixed and not own_old:
+        old_logprobs = learner_logprobs(policy, batch, cfg, temperature, device, dist)
+    ratio_max_sampler = 0.0
+
     sums: dict[str, float] = defaultdict(float)
     grad_norms = []
     n_steps = 0
@@ -330,6 +454,9 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
         for mb in _split(order, cfg.minibatches):
             n_steps += 1
             n_tokens = loss_mask[mb].sum()
+            # Rows with loss tokens after the overlong filter, counted over the whole mini-batch
+            # (every rank holds it), so micro-batches and ranks share one normaliser.
+            n_seqs = (loss_mask[mb].sum(dim=1) > 0).sum()
             mine = [mb[i] for i in distributed.shard(len(mb), dist)]
             # The same number of micro-batches on every rank (each backward is a collective);
             # a rank with no rows left runs a zero-weighted one.
@@ -345,13 +472,14 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
                     with autocast(device, cfg.precision):
                         logp, entropy = sequence_logprobs(wrapped, [batch.prompts[i] for i in rows],
                                                           batch.tokens[r].to(device), temperature, want_entropy=True)
+                    old_logp = logp.detach().float() if own_old else old_logprobs[r].to(device)
                     loss, s = policy_loss(
-                        logp.float(), batch.old_logprobs[r].to(device), advantages[r].to(device),
+                        logp.float(), old_logp, advantages[r].to(device),
                         loss_mask[r].to(device), ref_logp=ref_logp, beta=cfg.beta, kl=cfg.kl,
                         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
                         importance=cfg.importance, agg=cfg.agg, max_len=cfg.max_new_tokens,
                         num_tokens=n_tokens if cfg.agg == "token-mean" else None,
-                        num_seqs=len(mb) if cfg.agg != "token-mean" else None)
+                        num_seqs=n_seqs if cfg.agg != "token-mean" else None)
                     # DDP averages gradients over ranks; the global normalisers want their sum.
                     (loss * (dist.world if real else 0.0)).backward()
                 # Zero-weighted stand-ins add zeros, so every rank sums the same keys.
@@ -362,15 +490,25 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
                 sums["entropy_tokens"] += w * mask.sum().item()
                 for k, v in s.items():
                     sums[k] += w * float(v) * len(rows) / len(mb)
+                if n_steps == 1:  # weights not updated yet: how far the learner is from the sampler
+                    keep = loss_mask[r].to(device).bool()
+                    gap = torch.where(keep, logp.detach().float() - batch.old_logprobs[r].to(device), 0.0)
+                    sums["mismatch_sum"] += w * gap.abs().sum().item()
+                    sums["mismatch_tokens"] += w * keep.sum().item()
+                    if real:  # rows without loss tokens give exp(-inf) = 0
+                        top = gap.masked_fill(~keep, -math.inf).max().exp().item()
+                        ratio_max_sampler = max(ratio_max_sampler, top)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     keys = sorted(sums)
     total = dict(zip(keys, dist.all_sum([sums[k] for k in keys])))
-    out = {k: v / n_steps for k, v in total.items() if not k.startswith("entropy_")}
+    out = {k: v / n_steps for k, v in total.items() if not k.startswith(("entropy_", "mismatch_"))}
     out["entropy"] = total["entropy_sum"] / max(total["entropy_tokens"], 1.0)
+    out["logp_mismatch_mean"] = total["mismatch_sum"] / max(total["mismatch_tokens"], 1.0)
     out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    out["time_reference"] = max(dist.gather(t_ref))
+    times, ratios = zip(*dist.gather((t_ref, ratio_max_sampler)))
+    out["time_reference"], out["ratio_max_sampler"] = max(times), max(ratios)
     return out
 
 
@@ -396,7 +534,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     dist, run, resume_from, log = start_run(cfg, log)
     device = dist.device
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
+    log(f"stop tokens: {', '.join(tokenizer.id_to_token(i) for i in tokenizer.stop_token_ids)}")
     policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
     reference = None
     if cfg.beta > 0:
@@ -429,6 +568,11 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                 "streams without a saved state start afresh, so the run continues but not bit for bit")
         if reference is not None and (resume_from / "reference").is_dir():
             reference.load_state_dict(load_model(resume_from / "reference", device=device).state_dict())
+        # Reward statistics (a model reward's running mean and std), one set per rank since each
+        # scores its own groups; a rank the saved run did not have starts from rank 0's.
+        reward_states = extra.get("reward_state", [])
+        if reward_states:
+            scorer.load_state_dict(reward_states[dist.rank if dist.rank < len(reward_states) else 0])
         log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLogger(run, resume_step=step, fresh=resume_from is None, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
@@ -436,11 +580,13 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
 
     def save(name: str) -> None:
         streams = dist.gather(generator.get_state())  # collectives: every rank takes part
+        reward_states = dist.gather(scorer.state_dict())
         whole = distributed.full_state(policy, optimizer, dist)
         if not dist.main:
             return
         save_checkpoint(checkpoint_path(run, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
-                        extra={"step": step, "sampler": sampler.state_dict(), "sample_rng": streams})
+                        extra={"step": step, "sampler": sampler.state_dict(), "sample_rng": streams,
+                               "reward_state": reward_states})
         if reference is not None and cfg.ref_reset_every:
             save_model(reference, checkpoint_path(run, name) / "reference")
 

@@ -247,7 +247,10 @@ def save_checkpoint(
     }
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        save_model(model, tmp, dtype=dtype)
+        # transformers and vLLM stop where this run's sampler stops: on every end token.
+        stops = tokenizer.stop_token_ids if tokenizer is not None else []
+        generation = {**tokenizer.generation_config, "eos_token_id": stops if len(stops) > 1 else stops[0]} if stops else {}
+        save_model(model, tmp, dtype=dtype, generation_config=generation)
         if tokenizer is not None:
             tokenizer.save(tmp)
         trainer = tmp / TRAINER_DIR

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .checkpoint import load_model, load_tokenizer
 from .data import (Batch, Example, fit_examples, load_sft, load_text, pack_examples, tokenize_chat,
                    tokenize_prompt, tokenize_text)
@@ -52,6 +53,7 @@ class SFTConfig:
     out: str = field(default="runs/sft", metadata={"help": "run directory"})
     format: Literal["chat", "text"] = field(default="chat", metadata={
         "help": "chat: loss on assistant replies; text: plain documents, loss on every token (pretraining)"})
+    chat_format: ChatFormatName | None = field(default=None, metadata={"help": CHAT_FORMAT_HELP})
     max_len: int = field(default=512, metadata={"help": "tokens per packed row (longer examples: see overflow)"})
     overflow: Literal["truncate", "drop"] = "truncate"
     batch_rows: int = field(default=8, metadata={"help": "packed rows per micro-batch"})
@@ -170,7 +172,9 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     dist, run, resume_from, log = start_run(cfg, log)
     device = dist.device
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
+    stops = tokenizer.stop_token_ids  # what evaluation stops on, and the saved checkpoints declare
+    log(f"stop tokens: {', '.join(tokenizer.id_to_token(i) for i in stops)}")
     model = load_model(cfg.model, device=device, dtype=torch.float32)
     model.train()
     _, train_examples = prepare(tokenizer, cfg.train, cfg, log)

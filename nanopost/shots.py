@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .checkpoint import load_model, load_tokenizer
 from .data import read_jsonl, tokenize_prompt
 from .prompts import PromptTemplate
@@ -51,6 +52,7 @@ Scorer = Callable[[list[list[dict]], Sequence[str]], np.ndarray]
 @dataclass
 class ShotsConfig:
     model: str = field(default="", metadata={"help": "HF checkpoint directory"})
+    chat_format: ChatFormatName | None = field(default=None, metadata={"help": CHAT_FORMAT_HELP})
     data: str = field(default="data/shots/test.jsonl", metadata={"help": "test JSONL {question, answer, label}"})
     exemplars: str = field(default="data/shots/exemplars.jsonl", metadata={"help": "exemplar pool JSONL"})
     instruction: str = INSTRUCTION
@@ -271,7 +273,7 @@ def run_shots(cfg: ShotsConfig, log: Callable[[str], object] = print) -> dict:
         items = items[: cfg.limit]
     pool = load_labelled(cfg.exemplars)
     device = pick_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
     model = load_model(cfg.model, device=device)
     template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=False)
     scorer = ModelScorer(model, tokenizer, template, cfg.batch_size)

@@ -9,6 +9,12 @@ transformers' AutoTokenizer loads the same ids and the same chat text.
 `encode` adds nothing the text does not contain: special tokens written in the text, such as
 <|im_start|>, become their single ids, and no bos/eos is prepended or appended.
 
+Sampling stops on every token the checkpoint declares as an end (`stop_token_ids`): the
+chat format's end-of-turn token, the tokenizer's eos_token, and generation_config.json's
+eos_token_id (an int or a list, as transformers reads it). A base release's eos ends documents
+(<|endoftext|>, <|end_of_text|>) while its chat turns end with another token (<|im_end|>,
+<|eot_id|>): stopping on eos alone would run every reply on to the token limit.
+
 `train_bpe` trains a small byte-level BPE tokenizer on local text with the chat special tokens,
 for tests and demos that cannot download a real one.
 """
@@ -23,9 +29,13 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from nanopost.chat_template import ChatFormat, detect_chat_format, render_chat
+from nanopost.chat_template import ChatFormat, chat_format_override, detect_chat_format, render_chat
 
 SPECIAL_TOKEN_FIELDS = ("eos_token", "pad_token", "bos_token")
+GENERATION_CONFIG = "generation_config.json"
+# tokenizer_config.json field that keeps a --chat-format override with the checkpoint, so a model
+# trained with it loads as it was trained.
+CHAT_FORMAT_FIELD = "nanopost_chat_format"
 
 
 class Tokenizer:
@@ -46,8 +56,11 @@ class Tokenizer:
         config: Mapping[str, Any] | None = None,
         source: str = "tokenizer",
         template_source: str | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        chat_format: str | None = None,
     ):
         self._tok = tokenizer
+        self._override: str | None = None
         self.source = source  # where this came from, named in error messages
         # Fields of tokenizer_config.json nanopost does not use are kept and written back.
         self._config = dict(config or {})
@@ -59,12 +72,22 @@ class Tokenizer:
             token = getattr(self, field)
             if token is not None and tokenizer.token_to_id(token) is None:
                 raise ValueError(f"{source}: {field} {token!r} is not in the vocabulary of tokenizer.json")
+        # generation_config.json as read (what transformers' generate uses); written back with
+        # the stop tokens by the training checkpoints.
+        self.generation_config = dict(generation_config or {})
+        self._generation_eos = _generation_eos_ids(self.generation_config, self.vocab_size, source)
+        self.chat_format_override = chat_format
 
     # -- loading and saving --------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load tokenizer.json and (if present) tokenizer_config.json / chat_template.jinja."""
+    def from_dir(cls, path: str | Path, *, chat_format: str | None = None) -> Tokenizer:
+        """Load tokenizer.json and (if present) tokenizer_config.json / chat_template.jinja and
+        generation_config.json's end tokens.
+
+        chat_format (chatml | qwen3 | llama3 | llama3.1) renders the chat template as that family
+        instead of recognising it: for a lightly edited template the recogniser refuses.
+        """
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -84,6 +107,11 @@ class Tokenizer:
 
         specials = {f: _token_content(config.get(f), f, config_file) for f in SPECIAL_TOKEN_FIELDS}
         template, template_source = _find_chat_template(path, config)
+        generation_file = path / GENERATION_CONFIG
+        generation = _read_json(generation_file) if generation_file.is_file() else {}
+        saved_format = config.get(CHAT_FORMAT_FIELD)
+        if saved_format is not None and not isinstance(saved_format, str):
+            raise ValueError(f"{config_file}: {CHAT_FORMAT_FIELD} must be a string, got {saved_format!r}")
         return cls(
             tok,
             **specials,
@@ -91,6 +119,8 @@ class Tokenizer:
             config=config,
             source=str(path),
             template_source=template_source,
+            generation_config=generation,
+            chat_format=chat_format or saved_format,
         )
 
     def save(self, path: str | Path) -> None:
@@ -105,6 +135,9 @@ class Tokenizer:
         config.setdefault("clean_up_tokenization_spaces", False)
         for field in SPECIAL_TOKEN_FIELDS:
             config[field] = getattr(self, field)
+        config.pop(CHAT_FORMAT_FIELD, None)
+        if self.chat_format_override is not None:
+            config[CHAT_FORMAT_FIELD] = self.chat_format_override
         config["added_tokens_decoder"] = {
             str(i): {
                 "content": t.content,
@@ -176,6 +209,28 @@ class Tokenizer:
     def bos_token_id(self) -> int | None:
         return None if self.bos_token is None else self.token_to_id(self.bos_token)
 
+    @property
+    def end_of_turn(self) -> str:
+        """The token that closes an assistant turn in this chat format (what SFT trains to end with)."""
+        return self.chat_format.end_of_turn
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Every id sampling stops on: the chat format's end of turn (when there is a chat
+        template), eos_token, and generation_config.json's eos_token_id; first come first."""
+        ids = []
+        if self.chat_template is not None or self.chat_format_override is not None:
+            ids.append(self.token_to_id(self.end_of_turn))
+        if self.eos_token is not None:
+            ids.append(self.eos_token_id)
+        ids += self._generation_eos
+        if not ids:
+            raise ValueError(
+                f"{self.source}: no token to stop sampling on (no chat template, eos_token or "
+                f"{GENERATION_CONFIG} eos_token_id)"
+            )
+        return list(dict.fromkeys(ids))
+
     # -- chat ----------------------------------------------------------------------------------
 
     @property
@@ -192,8 +247,22 @@ class Tokenizer:
         self._chat_format: ChatFormat | None = None  # recognised on first use
 
     @property
+    def chat_format_override(self) -> str | None:
+        """The family named by --chat-format (or saved with the checkpoint), or None to recognise."""
+        return self._override
+
+    @chat_format_override.setter
+    def chat_format_override(self, family: str | None) -> None:
+        if family is not None:
+            chat_format_override(family)  # refuse an unknown family now, not at first use
+        self._override = family
+        self._chat_format = None
+
+    @property
     def chat_format(self) -> ChatFormat:
         """The recognised family of the chat template (ValueError if missing or unsupported)."""
+        if self._chat_format is None and self._override is not None:
+            self._chat_format = chat_format_override(self._override)
         if self._chat_format is None:
             if self.chat_template is None:
                 raise ValueError(
@@ -246,9 +315,9 @@ class Tokenizer:
         )
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, *, chat_format: str | None = None) -> Tokenizer:
     """Load the tokenizer of a Hugging Face model directory (see Tokenizer.from_dir)."""
-    return Tokenizer.from_dir(path)
+    return Tokenizer.from_dir(path, chat_format=chat_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +410,20 @@ def train_bpe(
 
 
 # ---------------------------------------------------------------------------------------------
-# tokenizer_config.json fields
+# tokenizer_config.json and generation_config.json fields
+
+
+def _generation_eos_ids(generation: Mapping[str, Any], vocab_size: int, source: str) -> list[int]:
+    """generation_config.json's eos_token_id (absent, an int or a list of ints) as a checked list."""
+    value = generation.get("eos_token_id")
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+            raise ValueError(
+                f"{Path(source) / GENERATION_CONFIG}: eos_token_id must be a token id or a list of them "
+                f"(0 <= id < {vocab_size}, the tokenizer's size); got {value!r}"
+            )
+    return values
 
 
 def _read_json(file: Path) -> dict[str, Any]:

@@ -119,8 +119,8 @@ def main() -> None:
         for size in args.sizes:
             model = Transformer(bench_config(size))
             model.init_weights(generator=torch.Generator().manual_seed(0))
-            if tokenizer.eos_token_id < model.config.vocab_size:
-                raise RuntimeError(f"eos id {tokenizer.eos_token_id} is one the model can sample")
+            if min(tokenizer.stop_token_ids) < model.config.vocab_size:
+                raise RuntimeError(f"stop ids {tokenizer.stop_token_ids} include one the model can sample")
             d = Path(tmp) / size
             save_model(model, d)
             tokenizer.save(d)

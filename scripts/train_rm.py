@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from nanopost.chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from nanopost.checkpoint import load_model, load_tokenizer
 from nanopost.config import main_guard, parse_config, save_config
 from nanopost.metrics import MetricsLogger, Progress
@@ -33,6 +34,7 @@ from nanopost.runtime import pick_device, seed_everything
 @dataclass
 class RMConfig:
     model: str = field(default="", metadata={"help": "HF causal-LM directory to start the backbone from"})
+    chat_format: ChatFormatName | None = field(default=None, metadata={"help": CHAT_FORMAT_HELP})
     train: str = field(default="", metadata={"help": "JSONL: {prompt, chosen, rejected} or {prompt, completion, label}"})
     val: str | None = field(default=None, metadata={"help": "held-out JSONL of the same kind"})
     out: str = field(default="runs/rm", metadata={"help": "directory for the reward model, config and metrics"})
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
     # fp32 master weights; autocast gives bf16 compute on GPUs.
     rm = RewardModel(load_model(cfg.model, device=device, dtype=torch.float32),
                      generator=torch.Generator().manual_seed(cfg.seed))

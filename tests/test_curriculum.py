@@ -116,6 +116,13 @@ def test_stage_settings_expose_temperature_and_group_size():
     assert s.stage_settings(7) == {"temperature": 1.3, "group_size": 16}
 
 
+@pytest.mark.parametrize("temperature", [0, 0.0, -0.5, float("nan")])
+def test_a_stage_that_cannot_sample_is_refused_when_built(temperature):
+    # Greedy groups have zero variance: refused at once, not when the stage's first step samples.
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        Stage(until=1.0, temperature=temperature)
+
+
 def test_difficulty_filter_without_difficulties_is_an_error_unless_pass_rates_give_them():
     records = [{"id": str(i), "prompt": "q", "answer": "1"} for i in range(10)]
     with pytest.raises(ValueError, match="has none"):

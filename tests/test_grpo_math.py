@@ -371,6 +371,27 @@ def test_halves_with_global_normaliser_sum_to_full_batch_loss(agg):
     assert not torch.allclose(alone, full)
 
 
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_rows_without_loss_tokens_do_not_count_in_sequence_means(agg):
+    # Row 1 is masked out whole (e.g. truncated, under the overlong filter): the loss and the other
+    # rows' gradients must be those of the batch without it, as in verl's agg_loss.
+    gen = torch.Generator().manual_seed(5)
+    logp = (torch.randn(3, 4, generator=gen, dtype=torch.float64) * 0.1 - 1).requires_grad_()
+    old = logp.detach() + torch.randn(3, 4, generator=gen, dtype=torch.float64) * 0.1
+    adv = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    mask = mask_from_lengths([4, 0, 2], 4)
+    loss, _ = policy_loss(logp, old, adv, mask, agg=agg, max_len=8)
+    (grad,) = torch.autograd.grad(loss, logp)
+    kept = [0, 2]
+    sub = logp.detach()[kept].requires_grad_()
+    expected, _ = policy_loss(sub, old[kept], adv[kept], mask[kept], agg=agg, max_len=8)
+    (expected_grad,) = torch.autograd.grad(expected, sub)
+    close(loss, expected, atol=1e-12)
+    close(grad[kept], expected_grad, atol=1e-12)
+    # the global normaliser counts the same rows: num_seqs=2 over the whole batch gives the same loss
+    close(policy_loss(logp, old, adv, mask, agg=agg, max_len=8, num_seqs=2)[0], expected, atol=1e-12)
+
+
 def test_normaliser_override_must_fit_the_aggregation():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="num_tokens"):

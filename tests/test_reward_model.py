@@ -238,11 +238,42 @@ def test_ensemble_returns_per_member_scores():
         def score(self, prompts, completions):
             return list(self.values[: len(completions)])
 
-    ensemble = RewardEnsemble({"a": Fixed([1.0, 4.0]), "b": Fixed([3.0, 0.0])}, mode="min")
+    ensemble = RewardEnsemble({"a": Fixed([1.0, 4.0]), "b": Fixed([3.0, 0.0])}, mode="min", normalize="none")
     combined, per_member = ensemble.score_batch(["x", "y"], [{"prompt": "p"}, {"prompt": "q"}])
     assert combined == [1.0, 0.0]
     assert per_member == {"a": [1.0, 4.0], "b": [3.0, 0.0]}
     assert ensemble("x", {"prompt": "p"}) == 1.0
+
+
+class _Fixed:
+    """A member with set scores: anything with score(prompts, completions) can be one."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def score(self, prompts, completions):
+        return list(self.values[: len(completions)])
+
+
+def test_ensemble_standardises_members_per_prompt_by_default():
+    # Prompt p has three completions, q two. Member b is 100 times wider than a and ranks p's
+    # completions differently; raw, b alone decides the mean and the min.
+    a, b = [1.0, 2.0, 3.0, 5.0, 7.0], [300.0, 100.0, 200.0, -50.0, 50.0]
+    prompts = ["p", "p", "p", "q", "q"]
+    samples = [{"prompt": x} for x in prompts]
+    ensemble = RewardEnsemble({"a": _Fixed(a), "b": _Fixed(b)}, mode="mean")
+    combined, per_member = ensemble.score_batch(["c"] * 5, samples)
+    # p: a -> (-1, 0, 1), b -> (1, -1, 0) (std 1 and 100); q: a and b -> (-1/sqrt2, 1/sqrt2)
+    r = 1 / math.sqrt(2)
+    assert combined == pytest.approx([0.0, -0.5, 0.5, -r, r], abs=1e-5)
+    assert per_member == {"a": a, "b": b}  # logged raw: a member drifting away stays visible
+    low, _ = RewardEnsemble({"a": _Fixed(a), "b": _Fixed(b)}, mode="min").score_batch(["c"] * 5, samples)
+    assert low == pytest.approx([-1.0, -1.0, 0.0, -r, r], abs=1e-5)
+    raw, _ = RewardEnsemble({"a": _Fixed(a), "b": _Fixed(b)}, mode="mean", normalize="none").score_batch(
+        ["c"] * 5, samples)
+    assert raw == pytest.approx([150.5, 51.0, 101.5, -22.5, 28.5])
+    with pytest.raises(ValueError, match="normalize must be one of group, none"):
+        RewardEnsemble({"a": _Fixed(a)}, normalize="batch")
 
 
 @pytest.mark.parametrize(
