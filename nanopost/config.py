@@ -474,6 +474,21 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, description: st
     return _resolve(cls, files, overrides)
 
 
+def require(*rules: tuple[str, Any, bool, str]) -> None:
+    """Range checks for a `validate()`: each rule is (option as typed, value, ok, what it must be).
+
+    The first rule that is not ok raises `ConfigError("--lr must be a finite number > 0, got 0.0")`.
+    Write `ok` so that NaN fails it (`x > 0`, not `not x <= 0`).
+    """
+    for option, value, ok, must in rules:
+        if not ok:
+            raise ConfigError(f"{option} must be {must}, got {value}")
+
+
+def is_finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def load_config_file(cls: type[T], path: str | os.PathLike) -> T:
     """A `cls` from its defaults and one TOML or JSON file (such as a run's saved config.json)."""
     return _resolve(cls, [path], [])

@@ -105,9 +105,14 @@ class UniformSampler:
         pass  # uniform sampling ignores outcomes
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "prompts": len(self.records)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The order is a shuffle of the prompts' positions: over other data it would be another order.
+        saved = state.get("prompts", len(self.records))
+        if saved != len(self.records) or int(state["position"]) > len(self.records):
+            raise ValueError(f"the sampler state was saved over {saved} prompts and the training data has "
+                             f"{len(self.records)}: resume with the run's own --train")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._shuffled(self.epoch)
 

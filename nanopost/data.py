@@ -372,6 +372,31 @@ def tokenize_prompt(
     return tokenizer.encode(tokenizer.apply_chat_template(messages, True, **template_options))
 
 
+def check_prompts_fit(path: str | Path, prompt_lengths: Mapping[int, int], max_new_tokens: int, context: int) -> None:
+    """Refuse before training the prompts that leave no room for `max_new_tokens` in the model's context.
+
+    prompt_lengths maps a record's index in the file (the order of load_rl / load_sft) to its
+    prompt's length in tokens, template included. Sampling such a prompt would fail only when it
+    is first drawn, so the DataError names the first one as path:line and counts them all (the
+    file is read again for the line number only then).
+    """
+    if max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} positions "
+                         f"(max_position_embeddings), which must also hold the prompt: lower --max-new-tokens")
+    over = sorted(i for i, n in prompt_lengths.items() if n + max_new_tokens > context)
+    if not over:
+        return
+    first, n = over[0], prompt_lengths[over[0]]
+    line = read_jsonl(path)[first][0]
+    room = context - max(prompt_lengths.values())
+    fix = f", or lower --max-new-tokens to {room}" if room >= 1 else " (the longest does not fit even alone)"
+    raise DataError(
+        f"{path}:{line}: the prompt is {n} tokens with the chat template; with --max-new-tokens {max_new_tokens} "
+        f"it needs {n + max_new_tokens} positions, but the model's context is {context} (max_position_embeddings). "
+        f"{len(over)} of {len(prompt_lengths)} prompt(s) checked in {path} are too long: shorten or remove them{fix}."
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Length
 

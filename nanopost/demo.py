@@ -147,7 +147,7 @@ def build_base(cfg: DemoConfig, root: Path, files: dict[str, Path], log) -> Path
     log(f"base model: {model.num_params() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}; pretraining")
     train_sft(SFTConfig(model=str(init), train=str(files["pretrain"]), out=str(base / "run"), format="text",
                         max_len=128, batch_rows=32, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                        warmup_steps=20, eval_every=0, log_every=50, seed=cfg.seed), log=log)
+                        warmup_steps=20, eval_every=0, log_every=50, seed=cfg.seed, overwrite=True), log=log)
     final = base / "model"
     src = checkpoint_path(base / "run", "last")
     save_model(load_model(src), final)
@@ -180,11 +180,12 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     files = write_data(cfg, root / "data")
     base = build_base(cfg, root, files, log)
 
+    # A rerun of the demo trains every stage again into the same directories (only the base is cached).
     log(f"SFT on levels {','.join(map(str, cfg.sft_levels))}, {cfg.sft_worked:.0%} of the examples worked out")
     sft_run = root / "sft"
     train_sft(SFTConfig(model=str(base), train=str(files["sft"]), out=str(sft_run), max_len=128, batch_rows=32,
                         max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=20, eval_every=0, log_every=50,
-                        seed=cfg.seed), log=log)
+                        seed=cfg.seed, overwrite=True), log=log)
     sft_model = checkpoint_path(sft_run, "last")
 
     log("GRPO: accuracy + format + thinking rewards, curriculum easy -> hard, hotter late")
@@ -198,7 +199,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         # then learns to please them instead of getting answers right (seen in practice here).
         adv_scale="none", steps=cfg.grpo_steps, prompts_per_step=cfg.grpo_prompts, group_size=cfg.group_size,
         max_new_tokens=cfg.max_new_tokens, dynamic_sampling="drop", lr=cfg.grpo_lr,
-        eval_every=max(cfg.grpo_steps // 2, 1), eval_samples=10**6, log_every=10, seed=cfg.seed)
+        eval_every=max(cfg.grpo_steps // 2, 1), eval_samples=10**6, log_every=10, seed=cfg.seed, overwrite=True)
     # Easy levels first, all levels later with the hard ones in; prompts the model sometimes
     # solves are preferred (p(1 - p) weighting); the later stage samples hotter.
     sampler = CurriculumSampler(load_rl(files["grpo"]), total_steps=cfg.grpo_steps, mode="learnability", seed=cfg.seed,
@@ -214,7 +215,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     control_run = root / "control"
     train_sft(SFTConfig(model=str(sft_model), train=str(files["sft"]), out=str(control_run), max_len=128,
                         batch_rows=32, max_steps=10**6, max_seconds=grpo_seconds, lr=cfg.sft_lr * 0.3,
-                        schedule="constant", warmup_steps=0, eval_every=0, log_every=100, seed=cfg.seed + 7),
+                        schedule="constant", warmup_steps=0, eval_every=0, log_every=100, seed=cfg.seed + 7,
+                        overwrite=True),
               log=log)
 
     log("evaluating every stage on the held-out split")

@@ -114,18 +114,21 @@ class MetricsLogger:
                 self._rewrite(_complete_lines(self.path))
 
     def log(self, row: Mapping[str, Any]) -> dict:
-        """Append one row (it must have "kind" and "step"); returns the row as written."""
+        """Append one row (it must have "kind" and "step"); returns it as `read_metrics` reads it back.
+
+        That is what the live monitor is handed, so it sees a NaN loss as the number NaN, exactly as a
+        diagnosis of the file does, not as the string the file holds it as.
+        """
         missing = [k for k in ("kind", "step") if k not in row]
         if missing:
             raise ValueError(f"metrics row needs {' and '.join(repr(k) for k in missing)}: {dict(row)}")
         out = {k: _plain(v, k) for k, v in row.items()}
         out.setdefault("time", round(time.time(), 3))
         line = json.dumps(out, allow_nan=False) + "\n"
-        if not self.write:
-            return out
-        with open(self.path, "a") as f:  # closing flushes: every row is on disk as it happens
-            f.write(line)
-        return out
+        if self.write:
+            with open(self.path, "a") as f:  # closing flushes: every row is on disk as it happens
+                f.write(line)
+        return _restore(out)
 
     def truncate_after(self, step: int) -> int:
         """Drop rows whose step is greater than `step`; returns how many were dropped."""

@@ -31,6 +31,8 @@ val_loss when logged, else 1 - avg@k, else 1 - accuracy. Every threshold is a fi
 
 `LiveMonitor` runs the same checks while training: the loop hands it every metrics row and it
 prints each new finding once, and raises `should_stop` only for the codes listed in `stop_on`.
+A non-finite loss or gradient norm is more than a finding: the weights are lost with it, so
+`stop_if_diverged` ends the run there (whatever `stop_on` says) before anything saves them.
 """
 
 from __future__ import annotations
@@ -618,14 +620,56 @@ def _show(v: Any) -> str:
     return _fmt(v)
 
 
-def format_report(findings: Sequence[Finding]) -> str:
-    """The findings as plain text, one paragraph each; a clean run says so."""
+def too_few_rows(rows: Sequence[Mapping[str, Any]], min_rows: int = Thresholds.min_rows) -> int | None:
+    """The number of train rows when it is below `min_rows`, which the trend checks need; else None."""
+    n = sum(r.get("kind") == "train" for r in rows)
+    return n if n < min_rows else None
+
+
+def format_report(findings: Sequence[Finding], *, rows: Sequence[Mapping[str, Any]] | None = None,
+                  min_rows: int = Thresholds.min_rows) -> str:
+    """The findings as plain text, one paragraph each; a clean run says so.
+
+    Given the run's `rows`, a run with no problem found but fewer than `min_rows` train rows says
+    that there are too few rows to judge (with the count) instead: no finding there means nothing.
+    """
     problems = [f for f in findings if f.severity != "info"]
-    head = (f"{len(problems)} problem(s) found." if problems else "No problems found.")
+    few = too_few_rows(rows, min_rows) if rows is not None else None
+    if problems:
+        head = f"{len(problems)} problem(s) found."
+    elif few is not None:
+        head = f"Too few rows to judge: {few} train row(s), and the checks need at least {min_rows}."
+    else:
+        head = "No problems found."
     notes = len(findings) - len(problems)
     if notes:
         head += f" {notes} note(s)."
     return "\n\n".join([head, *(format_finding(f) for f in findings)]) + "\n"
+
+
+class Diverged(ValueError):
+    """Training produced a non-finite loss or gradient norm (a ValueError: scripts print one line, exit 2)."""
+
+
+def stop_if_diverged(row: Mapping[str, Any], lr: float) -> None:
+    """Raise Diverged when a train row's loss or gradient norm is NaN or infinite.
+
+    The optimizer has then stepped on non-finite gradients, so the weights can no longer be
+    trusted and every later step would be NaN as well. The run ends there, whatever --stop-on says,
+    and writes no checkpoint from those weights; the checkpoints written before it are kept.
+    """
+    bad = {k: row[k] for k in ("loss", "grad_norm", "reward_mean")
+           if _number(row.get(k)) is not None and not math.isfinite(row[k])}
+    if not bad.keys() & {"loss", "grad_norm"}:
+        return
+    if "reward_mean" in bad:
+        advice = "The rewards are not finite: check the reward functions (and reward models) on a few completions."
+    else:
+        advice = (f"Lower the learning rate (--lr {_fmt(lr)}: try {_fmt(lr / 10)}), lengthen --warmup-steps and keep "
+                  "--clip-grad on; under bf16, --precision fp32 tells an overflow from a learning rate too high.")
+    shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+    raise Diverged(f"training diverged at step {row.get('step')}: {shown}. Its weights can no longer be trusted, so "
+                   f"the run stops without saving them; checkpoints written before this step are kept. {advice}")
 
 
 def check_stop_on(codes: Iterable[str]) -> set[str]:

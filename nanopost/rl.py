@@ -56,21 +56,22 @@ from typing import Callable, Literal
 
 import torch
 
-from . import distributed
+from . import distributed, interrupt
 from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .checkpoint import load_model, load_tokenizer, save_model
+from .checkpoint import load_config, load_model, load_tokenizer, save_model
+from .config import is_finite, require
 from .curriculum import PromptSampler, UniformSampler
-from .data import load_rl, tokenize_prompt
+from .data import check_prompts_fit, load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
 from .grpo import group_advantages, policy_loss, token_logprobs, token_logprobs_and_entropy
 from .metrics import MetricsLogger, Progress, read_metrics
-from .monitor import LiveMonitor, check_stop_on
+from .monitor import LiveMonitor, check_stop_on, stop_if_diverged
 from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
-from .runtime import autocast
+from .runtime import autocast, check_training_options
 from .schedules import lr_at, set_lr, temperature_at
 from .tokenizer import Tokenizer
 
@@ -155,7 +156,8 @@ class GRPOConfig:
     micro_batch: int = field(default=0, metadata={"help": "rows per forward/backward (0: the whole mini-batch)"})
     # optimizer
     lr: float = 1e-5
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata={
+        "help": "steps of linear lr warmup (one longer than the run is cut to the run)"})
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -166,7 +168,7 @@ class GRPOConfig:
     eval_samples: int = 200
     eval_k: int = field(default=0, metadata={"help": "avg@k samples per prompt at eval_temperature (0: greedy only)"})
     eval_temperature: float = 1.0
-    save_every: int = 0
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at evals and the end)"})
     log_every: int = 1
     seed: int = 0
     device: str = "auto"
@@ -174,7 +176,12 @@ class GRPOConfig:
     fsdp: bool = field(default=False, metadata={"help": distributed.FSDP_HELP})
     stop_on: list[str] = field(default_factory=list, metadata={
         "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
-    resume: bool = False
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --out from its latest checkpoint (its options must match; see --resume-override)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh in an --out that holds a run, removing its metrics.jsonl, checkpoints/ and config"})
+    resume_override: list[str] = field(default_factory=list, metadata={
+        "help": "options --resume may change although they change what the run means, e.g. lr,train"})
 
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCE_DEFAULTS:
@@ -189,11 +196,54 @@ class GRPOConfig:
         if not self.model or not self.train:
             raise ValueError("--model and --train are required")
         if self.group_size < 2:
-            raise ValueError("group_size must be >= 2: advantages compare completions of the same prompt")
+            raise ValueError("--group-size must be >= 2: advantages compare completions of the same prompt")
         if not self.rewards:
             raise ValueError("at least one reward is needed")
+        check_training_options(self)
+        rows = self.prompts_per_step * self.group_size  # the rows one step trains on (before dropping groups)
+        require(
+            ("--steps", self.steps, self.steps >= 1, ">= 1"),
+            ("--prompts-per-step", self.prompts_per_step, self.prompts_per_step >= 1, ">= 1"),
+            ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            ("--top-p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+            ("--top-k", self.top_k, self.top_k >= 0, ">= 0 (0: off)"),
+            ("--max-refill-rounds", self.max_refill_rounds, self.max_refill_rounds >= 0, ">= 0"),
+            ("--overlong-buffer", self.overlong_buffer, 0 <= self.overlong_buffer <= self.max_new_tokens,
+             f"in [0, --max-new-tokens {self.max_new_tokens}]"),
+            ("--overlong-penalty", self.overlong_penalty,
+             is_finite(self.overlong_penalty) and self.overlong_penalty >= 0, "a finite number >= 0"),
+            ("--clip-low", self.clip_low, 0 <= self.clip_low < 1,
+             "in [0, 1): the ratio is clipped below at 1 - clip_low"),
+            ("--clip-high", self.clip_high, is_finite(self.clip_high) and self.clip_high >= 0, "a finite number >= 0"),
+            ("--dual-clip", self.dual_clip, self.dual_clip is None or self.dual_clip > 1,
+             "> 1 (it caps the loss at -dual_clip * A), or none"),
+            ("--beta", self.beta, is_finite(self.beta) and self.beta >= 0, "a finite number >= 0"),
+            ("--ref-reset-every", self.ref_reset_every, self.ref_reset_every >= 0, ">= 0 (0: never)"),
+            ("--mu", self.mu, self.mu >= 1, ">= 1"),
+            ("--minibatches", self.minibatches, 1 <= self.minibatches <= rows,
+             f"in [1, {rows}]: a step has --prompts-per-step {self.prompts_per_step} x --group-size "
+             f"{self.group_size} = {rows} rows to split"),
+            ("--micro-batch", self.micro_batch, self.micro_batch >= 0, ">= 0 (0: the whole mini-batch)"),
+            ("--eval-samples", self.eval_samples, not self.val or self.eval_samples >= 1, ">= 1 with --val"),
+            ("--eval-k", self.eval_k, self.eval_k >= 0, ">= 0 (0: greedy only)"),
+            ("--eval-temperature", self.eval_temperature,
+             is_finite(self.eval_temperature) and self.eval_temperature >= 0, "a finite number >= 0"),
+            ("--rm-ensemble-lambda", self.rm_ensemble_lambda, is_finite(self.rm_ensemble_lambda), "a finite number"),
+            ("--rewards", self.rewards, all(is_finite(w) for w in self.rewards.values()), "finite weights"),
+        )
+        # Each temperature option belongs to one schedule; given with another, it would do nothing.
+        annealed = self.temperature_schedule in ("linear", "cosine")
+        if self.temperature_end is not None and not annealed:
+            raise ValueError(f"--temperature-end is used only by --temperature-schedule linear or cosine, and this "
+                             f"run's is {self.temperature_schedule}: drop --temperature-end or choose one of those")
+        if annealed and self.temperature_end is None:
+            raise ValueError(f"--temperature-schedule {self.temperature_schedule} needs --temperature-end, the "
+                             "temperature to end at (without it the temperature stays at --temperature)")
+        if self.temperature_stages and self.temperature_schedule != "stages":
+            raise ValueError(f"--temperature-stages is used only by --temperature-schedule stages, and this run's "
+                             f"is {self.temperature_schedule}: drop it or add --temperature-schedule stages")
         if self.temperature_schedule == "stages" and not self.temperature_stages:
-            raise ValueError("temperature_schedule 'stages' needs --temperature-stages")
+            raise ValueError("--temperature-schedule stages needs --temperature-stages")
         temperatures = [("--temperature", self.temperature), ("--temperature-end", self.temperature_end)]
         temperatures += [("--temperature-stages", t) for _, t in self.temperature_stages]
         for option, t in temperatures:
@@ -203,6 +253,12 @@ class GRPOConfig:
         if self.overlong_buffer > 0 and "overlong" in self.rewards:
             raise ValueError("--rewards may not name 'overlong' while --overlong-buffer is on: that is "
                              "the name of the length penalty's own reward term")
+        try:  # the stage boundaries (increasing, >= 0) as the schedule reads them at the first step
+            temperature_at(0, self.steps, kind=self.temperature_schedule, start=self.temperature,
+                           end=self.temperature if self.temperature_end is None else self.temperature_end,
+                           stages=self.temperature_stages or None)
+        except ValueError as e:
+            raise ValueError(f"--temperature-stages: {e}") from None
 
 
 # ---------------------------------------------------------------- rollouts
@@ -525,23 +581,47 @@ def _split(order: list[int], parts: int) -> list[list[int]]:
 # ---------------------------------------------------------------- the loop
 
 
+def tokenize_prompts(tokenizer: Tokenizer, template: PromptTemplate, path: str | None, records: list[dict],
+                     max_new_tokens: int, context: int) -> dict[str, list[int]]:
+    """{prompt: token ids} of the records read from `path`, rendered with the template; a prompt that
+    leaves no room for max_new_tokens in the model's context is refused now, naming its path:line,
+    rather than when the sampler first draws it."""
+    ids = {r["prompt"]: tokenize_prompt(tokenizer, template.messages(r["prompt"])) for r in records}
+    if records:
+        check_prompts_fit(path, {i: len(ids[r["prompt"]]) for i, r in enumerate(records)}, max_new_tokens, context)
+    return ids
+
+
+@interrupt.stop_on_signals()
 def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=print,
                extra_rewards: dict[str, Callable] | None = None, check: Callable | None = None) -> dict:
     """Run GRPO as configured; returns the last eval row merged with the last train row.
 
     Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
+    `last` is saved every --save-every steps (0: at every --eval-every step), at the end, and when
+    Ctrl-C or SIGTERM ends the run after the current step (nanopost.interrupt); `best` whenever a
+    held-out evaluation's accuracy beats every earlier one.
     """
     dist, run, resume_from, log = start_run(cfg, log)
     device = dist.device
 
     tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
     log(f"stop tokens: {', '.join(tokenizer.id_to_token(i) for i in tokenizer.stop_token_ids)}")
+    template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
+    # The data is read and checked before the model is loaded, so a bad line costs no time.
+    records = load_rl(cfg.train)
+    if cfg.prompts_per_step > len(records):
+        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} is more than the {len(records)} prompt(s) in "
+                         f"{cfg.train}: a step would draw the same prompt twice; lower --prompts-per-step "
+                         f"to at most {len(records)}")
+    context = load_config(cfg.model).max_position_embeddings
+    train_prompts = tokenize_prompts(tokenizer, template, cfg.train, records, cfg.max_new_tokens, context)
+    val_records = load_rl(cfg.val)[: cfg.eval_samples] if cfg.val else []
+    val_prompts = tokenize_prompts(tokenizer, template, cfg.val, val_records, cfg.max_new_tokens, context)
     policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
     reference = None
     if cfg.beta > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
-    records = load_rl(cfg.train)
     sampler = sampler or UniformSampler(records, seed=cfg.seed)
     scorer = RewardScorer(cfg.rewards, cfg.reward_mode, {**model_rewards(cfg, device), **(extra_rewards or {})})
     if check is None and cfg.task:
@@ -549,15 +629,12 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
 
         task = get_task(cfg.task)
         check = lambda completion, item: task.check(completion, item.record)  # noqa: E731
-    eval_items = []
-    if cfg.val:
-        eval_items = [EvalItem(tokenize_prompt(tokenizer, template.messages(r["prompt"])), r["answer"],
-                               r.get("difficulty"), r) for r in load_rl(cfg.val)[: cfg.eval_samples]]
+    eval_items = [EvalItem(val_prompts[r["prompt"]], r["answer"], r.get("difficulty"), r) for r in val_records]
 
     # Each rank samples its own completions; rank 0's stream is the single-process one.
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
     wrapped, optimizer, extra = prepare_training(policy, cfg, dist, resume_from)
-    step = extra.get("step", 0)
+    step, best = extra.get("step", 0), extra.get("best_accuracy", -math.inf)
     if resume_from is not None:
         sampler.load_state_dict(extra["sampler"])
         streams = extra.get("sample_rng", [])
@@ -586,11 +663,12 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
             return
         save_checkpoint(checkpoint_path(run, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
                         extra={"step": step, "sampler": sampler.state_dict(), "sample_rng": streams,
-                               "reward_state": reward_states})
+                               "reward_state": reward_states, "best_accuracy": best})
         if reference is not None and cfg.ref_reset_every:
             save_model(reference, checkpoint_path(run, name) / "reference")
 
     def run_eval() -> dict:
+        nonlocal best
         with distributed.gathered(policy):
             res = evaluate(policy, tokenizer, eval_items, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_k,
                            temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed, dist=dist)
@@ -599,6 +677,11 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         monitor.observe(metrics.log(row))
         log(f"eval step {step}: accuracy {res['accuracy']:.3f} [{res['accuracy_lo']:.3f}, {res['accuracy_hi']:.3f}]"
             + (f", avg@{cfg.eval_k} {res[f'avg@{cfg.eval_k}']:.3f}" if cfg.eval_k else ""))
+        if dist.broadcast(res["accuracy"] > best):
+            best = res["accuracy"]
+            # The evaluation before step 1 only sets the bar: that model is --model itself.
+            if step > 0:
+                save("best")
         return row
 
     progress = Progress(cfg.steps, start_step=step)
@@ -625,7 +708,9 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         want = cfg.prompts_per_step
         for _ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling == "refill" else 0)):
             recs = sampler.sample(want, step)
-            prompt_ids = [tokenize_prompt(tokenizer, template.messages(r["prompt"])) for r in recs]
+            # Tokenized at the start; a sampler given by the caller may hold prompts of its own.
+            prompt_ids = [train_prompts.get(r["prompt"]) or tokenize_prompt(tokenizer, template.messages(r["prompt"]))
+                          for r in recs]
             ro = collect_global(policy, tokenizer, recs, prompt_ids, scorer, step_cfg, temperature, generator, dist)
             sampler.update(recs, _pass_rates(ro, G), step)
             zero = zero_variance_groups(ro.rewards, G)
@@ -668,10 +753,17 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
             log(progress.line(step, reward=row["reward_mean"], **({"acc": row["reward_accuracy_mean"]}
                 if "reward_accuracy_mean" in row else {}), T=temperature, len=row["len_mean"],
                 zero_std=row["zero_std_frac"], tok_per_s=row["tok_per_s"]))
+        stop_if_diverged(row, cfg.lr)  # before any evaluation or checkpoint of non-finite weights
         if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             last_eval = run_eval()
         should_stop = dist.broadcast(monitor.should_stop)  # rank 0 watches; every rank stops together
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or should_stop:
+        signum = max(dist.gather(interrupt.requested()))  # a signal to any rank stops them all here
+        if signum and step < cfg.steps:
+            save("last")
+            interrupt.stop_run(signum, step, checkpoint_path(run, "last"), cfg, log)
+        eval_due = cfg.eval_every and step % cfg.eval_every == 0
+        if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and eval_due) or step == cfg.steps \
+                or should_stop:
             save("last")
         if should_stop:
             if dist.main:

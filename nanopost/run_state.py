@@ -29,6 +29,9 @@ Run directory convention:
     run_dir/checkpoints/best              written when the eval metric improves: publish this
 
 `latest_checkpoint(run_dir)` returns the checkpoint with the highest step, preferring `last`.
+`start_run` checks the directory before a loop writes to it (run_dir.py): a new run never replaces
+an earlier one without --overwrite, and --resume continues only the same run, from a checkpoint
+`resumable_checkpoint` has checked whole.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from . import distributed
 from .checkpoint import load_model, save_model, write_atomic
 from .config import save_config
 from .model import Transformer
+from .run_dir import check_resume_config, check_writable, clear_run, describe_run, refuse_if_held
 from .runtime import make_optimizer, seed_everything
 
 if TYPE_CHECKING:
@@ -225,8 +229,16 @@ def save_checkpoint(
 
     `extra` is the loop's own state (put the step in extra["step"]); `generators` are named
     torch.Generators whose states are saved with the global RNGs. dtype=None keeps the weights'.
+
+    Weights holding NaN or inf are refused (CheckpointError) before anything is touched: a
+    diverged run must not replace a good `last` or `best` with a model that cannot be used.
     """
     path = Path(path)
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        raise CheckpointError(f"{path}: not written: {len(broken)} weight tensor(s) hold NaN or inf (the first: "
+                              f"{broken[0]}), so training has diverged; the checkpoint already there, if any, is kept. "
+                              "Lower the learning rate (--lr) and keep --clip-grad on.")
     path.parent.mkdir(parents=True, exist_ok=True)
     _recover(path)
     if path.exists() and not (path / TRAINER_DIR / STATE_FILE).is_file() and any(path.iterdir()):
@@ -274,14 +286,14 @@ def save_checkpoint(
 # -- loading ----------------------------------------------------------------------------------------
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def _read_state(path: Path, mmap: bool = False) -> dict[str, Any]:
     file = path / TRAINER_DIR / STATE_FILE
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint (directory not found)")
     if not file.is_file():
         raise CheckpointError(f"{path}: not a checkpoint ({file} is missing)")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle opcodes, refused types: all the same to us
         raise CheckpointError(f"{path}: corrupt checkpoint: {file} cannot be read ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -364,6 +376,26 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
         return {}
 
 
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless `path` holds a whole checkpoint: trainer state, summary, model.
+
+    The trainer state is opened memory-mapped, so its tensors are not read: this is the quick
+    look `resumable_checkpoint` takes at every checkpoint of a run before resuming.
+    """
+    path = Path(path)
+    _recover(path)
+    _read_state(path, mmap=True)
+    summary = path / TRAINER_DIR / SUMMARY_FILE
+    try:
+        step = json.loads(summary.read_text())["step"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint: {summary} cannot be read ({e!r})") from None
+    if not isinstance(step, int):
+        raise CheckpointError(f"{path}: corrupt checkpoint: {summary} has no step")
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path}: corrupt checkpoint: its model (config.json, *.safetensors) is missing")
+
+
 def checkpoint_path(run_dir: str | os.PathLike, name: str = LAST) -> Path:
     """run_dir/checkpoints/<name>; name is "last", "best" or any label such as "step-000500"."""
     return Path(run_dir) / "checkpoints" / name
@@ -387,26 +419,81 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return max(found, key=lambda t: t[:2])[2] if found else None
 
 
+def resumable_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint --resume continues (`latest_checkpoint`), once every checkpoint of the run
+    has been checked whole; None when there is none.
+
+    A broken checkpoint is reported, never skipped: skipping it would silently resume from an
+    older one, or start afresh.
+    """
+    root = Path(run_dir) / "checkpoints"
+    latest = latest_checkpoint(run_dir)  # first puts back a checkpoint an interrupted save renamed away
+    children = sorted(root.iterdir()) if root.is_dir() else []
+    for child in children:
+        if child.name.startswith(".") or not child.is_dir():  # a save's temporary directory, a stray file
+            continue
+        try:
+            check_checkpoint(child)
+        except CheckpointError as e:
+            others = [c.name for c in children if c != child and (c / TRAINER_DIR / STATE_FILE).is_file()]
+            here = f" (here: {', '.join(others)})" if others else ""
+            raise CheckpointError(f"{e}. --resume does not train over a broken checkpoint: delete it or resume "
+                                  f"from another checkpoint{here}, or start afresh with --overwrite") from None
+    return latest
+
+
 # -- the opening both training loops share ----------------------------------------------------------
 
 
-def start_run(cfg: Any, log: Callable[..., None]) -> tuple[distributed.Dist, Path, Path | None, Callable[..., None]]:
-    """Join the process group (under torchrun), seed, write the run directory's config, find the
-    checkpoint to resume from; returns (dist, run_dir, checkpoint or None, log for this rank).
+def _open_run_dir(cfg: Any, run: Path, world: int, log: Callable[..., None]) -> Path | None:
+    """Check --out and write its config (run_dir: a new run never replaces an old one by accident,
+    --resume continues only the same run); returns the checkpoint to resume from, or None."""
+    overwrite = getattr(cfg, "overwrite", False)
+    if cfg.resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    resume_from = None
+    if cfg.resume:
+        resume_from = resumable_checkpoint(run)
+        held = describe_run(run)
+        if resume_from is None and held:
+            raise ValueError(f"--resume: {run} holds no checkpoint to resume from, only {', '.join(held)}; "
+                             "start it afresh with --overwrite, or choose another --out")
+    elif not overwrite:
+        refuse_if_held(run)  # before anything is written
+    check_writable(run)
+    if resume_from is not None:
+        # The options are compared before the new ones are saved over the old.
+        check_resume_config(cfg, run, read_summary(resume_from).get("world", world), world, log)
+    elif cfg.resume:
+        log(f"{run}: no checkpoint to resume from; starting fresh")
+    elif overwrite:
+        clear_run(run, log)
+    save_config(cfg, run)
+    return resume_from
 
-    Rank 0 alone writes and looks for the checkpoint (finding one may repair an interrupted
-    save); the others are told which.
+
+def start_run(cfg: Any, log: Callable[..., None]) -> tuple[distributed.Dist, Path, Path | None, Callable[..., None]]:
+    """Join the process group (under torchrun), seed, check the run directory and write its config,
+    find the checkpoint to resume from; returns (dist, run_dir, checkpoint or None, log for this rank).
+
+    Rank 0 alone checks and writes the directory and looks for the checkpoint (finding one may
+    repair an interrupted save); the others are told which, or what was wrong, and stop with it.
     """
     dist = distributed.setup(cfg.device)
     log = dist.main_only(log)
     seed_everything(cfg.seed)
     run = Path(cfg.out)
+    resume_from, problem = None, None
     if dist.main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run)
-    resume_from = dist.broadcast(latest_checkpoint(run) if cfg.resume and dist.main else None)
-    if cfg.resume and resume_from is None:
-        log(f"{run}: no checkpoint to resume from; starting fresh")
+        try:
+            resume_from = _open_run_dir(cfg, run, dist.world, log)
+        except ValueError as e:
+            problem = e
+    resume_from, message = dist.broadcast((resume_from, None if problem is None else str(problem)))
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise ValueError(message)
     if cfg.fsdp and not dist.active:
         log("--fsdp shards over the processes of a torchrun job; a single process trains the whole model")
     return dist, run, resume_from, log

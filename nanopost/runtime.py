@@ -8,13 +8,63 @@ import random
 import numpy as np
 import torch
 
+from .config import is_finite, require
 from .model import Transformer
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device `--device` names ("auto": a GPU if there is one, else the CPU).
+
+    A device this machine does not have is a ValueError naming --device, raised before anything
+    is loaded, instead of a failure when the first tensor moves there.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            missing = "this PyTorch build has no CUDA support (a CPU-only build)"
+        elif not torch.cuda.is_available():
+            missing = "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+        elif device.index is not None and device.index >= torch.cuda.device_count():
+            missing = f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
+        else:
+            return device
+    elif device.type == "mps":
+        if torch.backends.mps.is_available():
+            return device
+        missing = "MPS (Apple GPU) is not available on this machine"
+    elif device.type == "cpu":
+        return device
+    else:  # xpu and the like: usable when their backend says so
+        backend = getattr(torch, device.type, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return device
+        missing = f"{device.type} is not available on this machine"
+    raise ValueError(f"--device {name}: {missing}; use --device cpu, or auto to take a GPU when there is one")
+
+
+def check_training_options(cfg) -> None:
+    """Range checks of the options SFT and GRPO share (learning rate, AdamW, logging, device);
+    called by their `validate()`, so a bad value is refused before anything is loaded."""
+    require(
+        ("--lr", cfg.lr, is_finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
+        ("--min-lr-ratio", cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        # A warmup longer than the run is not refused: lr_at caps it at the run's length (a short
+        # trial run with the default warmup is common), so the lr then rises over the whole run.
+        ("--warmup-steps", cfg.warmup_steps, cfg.warmup_steps >= 0, ">= 0"),
+        ("--weight-decay", cfg.weight_decay, is_finite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         "a finite number >= 0"),
+        ("--betas", ",".join(map(str, cfg.betas)), all(0 <= b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
+        ("--clip-grad", cfg.clip_grad, cfg.clip_grad > 0, "> 0 (0 would zero every gradient; inf: no clipping)"),
+        ("--eval-every", cfg.eval_every, cfg.eval_every >= 0, ">= 0 (0: evaluate only at the end)"),
+        ("--save-every", cfg.save_every, cfg.save_every >= 0, ">= 0"),
+        ("--log-every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
+    )
+    pick_device(cfg.device)
 
 
 def autocast(device: torch.device, precision: str = "auto"):

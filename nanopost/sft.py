@@ -29,18 +29,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+from . import distributed, interrupt
 from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .checkpoint import load_model, load_tokenizer
-from .data import (Batch, Example, fit_examples, load_sft, load_text, pack_examples, tokenize_chat,
-                   tokenize_prompt, tokenize_text)
+from .checkpoint import load_config, load_model, load_tokenizer
+from .config import is_finite, require
+from .data import (Batch, Example, check_prompts_fit, fit_examples, load_sft, load_text, pack_examples,
+                   tokenize_chat, tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
 from .metrics import MetricsLogger, Progress, read_metrics
-from .monitor import LiveMonitor, check_stop_on
+from .monitor import LiveMonitor, check_stop_on, stop_if_diverged
 from .model import Transformer
 from .rewards import extract_answer
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
-from .runtime import autocast
+from .runtime import autocast, check_training_options
 from .schedules import lr_at, set_lr
 from .tokenizer import Tokenizer
 
@@ -64,7 +65,8 @@ class SFTConfig:
         "help": "stop after this much training time (0: no limit); e.g. a control arm at equal compute"})
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
+    warmup_steps: int = field(default=10, metadata={
+        "help": "steps of linear lr warmup (one longer than the run is cut to the run)"})
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -80,14 +82,31 @@ class SFTConfig:
     fsdp: bool = field(default=False, metadata={"help": distributed.FSDP_HELP})
     stop_on: list[str] = field(default_factory=list, metadata={
         "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
-    resume: bool = field(default=False, metadata={"help": "continue from out/checkpoints/last"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --out from its latest checkpoint (its options must match; see --resume-override)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh in an --out that holds a run, removing its metrics.jsonl, checkpoints/ and config"})
+    resume_override: list[str] = field(default_factory=list, metadata={
+        "help": "options --resume may change although they change what the run means, e.g. lr,train"})
 
     def validate(self) -> None:
         check_stop_on(self.stop_on)  # at parse time, before any model is loaded
         if not self.model or not self.train:
             raise ValueError("--model and --train are required")
-        if self.batch_rows < 1 or self.grad_accum < 1:
-            raise ValueError("batch_rows and grad_accum must be >= 1")
+        check_training_options(self)
+        require(
+            ("--max-len", self.max_len, self.max_len >= 2, ">= 2 (an input token and its label)"),
+            ("--batch-rows", self.batch_rows, self.batch_rows >= 1, ">= 1"),
+            ("--grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
+            ("--max-steps", self.max_steps, self.max_steps >= 0, ">= 0 (0: as many as --epochs take)"),
+            # With --max-steps 0 the epochs decide the length: 0 would still run one step.
+            ("--epochs", self.epochs, self.max_steps > 0 or (is_finite(self.epochs) and self.epochs > 0),
+             "a finite number > 0 (or give --max-steps)"),
+            ("--max-seconds", self.max_seconds, self.max_seconds >= 0, ">= 0 (0: no time limit)"),
+            ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            ("--eval-accuracy-samples", self.eval_accuracy_samples, not self.val or self.eval_accuracy_samples >= 1,
+             ">= 1 with --val"),
+        )
 
 
 def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
@@ -137,13 +156,14 @@ def held_out_loss(model: Transformer, batches: list[Batch], device, precision: s
 
 
 def accuracy_items(tokenizer: Tokenizer, conversations: list[list[dict]], limit: int) -> list[EvalItem]:
-    """Held-out prompts whose reference reply contains an extractable answer."""
+    """Held-out prompts whose reference reply contains an extractable answer. Each item's record
+    holds the index of its conversation in the file, so that an error can name the line."""
     items = []
-    for messages in conversations:
+    for index, messages in enumerate(conversations):
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         gold = extract_answer(messages[last]["content"])
         if gold is not None:
-            items.append(EvalItem(tokenize_prompt(tokenizer, messages[:last]), gold))
+            items.append(EvalItem(tokenize_prompt(tokenizer, messages[:last]), gold, record={"index": index}))
         if len(items) == limit:
             break
     return items
@@ -164,10 +184,12 @@ def prepare(tokenizer: Tokenizer, path: str, cfg: SFTConfig, log) -> tuple[list[
     return conversations, examples
 
 
+@interrupt.stop_on_signals()
 def train_sft(cfg: SFTConfig, log=print) -> dict:
     """Run SFT as configured; returns the final metrics. Writes everything under cfg.out.
 
     Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
+    Ctrl-C or SIGTERM ends the run after the current step, with `last` saved (nanopost.interrupt).
     """
     dist, run, resume_from, log = start_run(cfg, log)
     device = dist.device
@@ -175,14 +197,23 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
     stops = tokenizer.stop_token_ids  # what evaluation stops on, and the saved checkpoints declare
     log(f"stop tokens: {', '.join(tokenizer.id_to_token(i) for i in stops)}")
-    model = load_model(cfg.model, device=device, dtype=torch.float32)
-    model.train()
+    # What must fit the model's context is checked before the model is loaded: packed rows, and the
+    # held-out prompts with the tokens generated after them (they would fail at the first eval).
+    context = load_config(cfg.model).max_position_embeddings
+    if cfg.max_len > context:
+        raise ValueError(f"--max-len {cfg.max_len} is more than the model's context of {context} positions "
+                         f"(max_position_embeddings in {cfg.model}): use --max-len {context} or less")
     _, train_examples = prepare(tokenizer, cfg.train, cfg, log)
     val_batches, acc_items = [], []
     if cfg.val:
         val_convs, val_examples = prepare(tokenizer, cfg.val, cfg, log)
         val_batches = pack_examples(val_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id)
         acc_items = accuracy_items(tokenizer, val_convs, cfg.eval_accuracy_samples)
+        if acc_items:
+            check_prompts_fit(cfg.val, {item.record["index"]: len(item.prompt_ids) for item in acc_items},
+                              cfg.max_new_tokens, context)
+    model = load_model(cfg.model, device=device, dtype=torch.float32)
+    model.train()
 
     def epoch_batches(epoch: int) -> list[Batch]:
         return pack_examples(train_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id,
@@ -207,7 +238,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
         if dist.main:
             save_checkpoint(checkpoint_path(run, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
                             extra={"step": step, "consumed": consumed, "best_val_loss": best,
-                                   "metrics": extra_metrics or {}})
+                                   "world": dist.world, "metrics": extra_metrics or {}})
 
     def run_eval() -> dict:
         nonlocal best
@@ -259,6 +290,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
             t_last, tokens_since = now, 0
             log(progress.line(step, loss=step_loss, lr=lr, tok_per_s=row["tok_per_s"]))
         monitor.observe(metrics.log(row))
+        stop_if_diverged(row, cfg.lr)  # before any evaluation or checkpoint of non-finite weights
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
             if cfg.val:
                 last_eval = run_eval()
@@ -275,6 +307,10 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
             if cfg.val and not eval_due:
                 last_eval = run_eval()
             total_steps = step
+        signum = max(dist.gather(interrupt.requested()))  # a signal to any rank stops them all here
+        if signum and step < total_steps:
+            checkpoint("last", last_eval)
+            interrupt.stop_run(signum, step, checkpoint_path(run, "last"), cfg, log)
         if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and eval_due) or step == total_steps:
             checkpoint("last", last_eval)
     return {**last_eval, "step": step, "loss": row.get("loss", math.nan)}

@@ -119,8 +119,8 @@ def main() -> None:
         for size in args.sizes:
             model = Transformer(bench_config(size))
             model.init_weights(generator=torch.Generator().manual_seed(0))
-            if min(tokenizer.stop_token_ids) < model.config.vocab_size:
-                raise RuntimeError(f"stop ids {tokenizer.stop_token_ids} include one the model can sample")
+            if tokenizer.eos_token_id < model.config.vocab_size:
+                raise RuntimeError(f"eos id {tokenizer.eos_token_id} is one the model can sample")
             d = Path(tmp) / size
             save_model(model, d)
             tokenizer.save(d)
@@ -212,7 +212,7 @@ def time_nanopost(d: Path, warmup: int, steps: int, threads: int) -> dict:
         rewards={"random": 1.0}, steps=warmup + steps, prompts_per_step=PROMPTS, group_size=GROUP,
         max_new_tokens=NEW_TOKENS, temperature=1.0, dynamic_sampling="off", beta=BETA, kl="k3", mu=1, minibatches=1,
         clip_low=CLIP_LOW, clip_high=CLIP_HIGH, lr=LR, betas=BETAS, weight_decay=0.0, clip_grad=CLIP_GRAD,
-        device="cpu", precision="fp32", seed=0,
+        device="cpu", precision="fp32", seed=0, overwrite=True,  # each round times a fresh run in the same place
     )
 
     rng = random.Random(0)
@@ -236,12 +236,22 @@ def time_nanopost(d: Path, warmup: int, steps: int, threads: int) -> dict:
         return out
 
     rl.sequence_logprobs = timed_logprobs
+    # nanopost stops on the chat format's end of turn too, which the model can draw; TRL stops on
+    # eos alone, which it cannot. The same stop set on both sides keeps every completion at the limit.
+    stop_token_ids = Tokenizer.stop_token_ids
+    Tokenizer.stop_token_ids = property(lambda self: [self.eos_token_id])
     ends: list[float] = []
+
+    def log(line: str) -> None:  # a step ends when its progress line is printed
+        if line.startswith("step "):
+            ends.append(time.perf_counter())
+
     start = time.perf_counter()
     try:
-        rl.train_grpo(cfg, extra_rewards={"random": random_reward}, log=lambda line: ends.append(time.perf_counter()))
+        rl.train_grpo(cfg, extra_rewards={"random": random_reward}, log=log)
     finally:
         rl.sequence_logprobs = logprobs
+        Tokenizer.stop_token_ids = stop_token_ids
     if torch.get_num_threads() != threads:  # the comparison holds only at equal threads
         raise RuntimeError(f"torch threads changed from {threads} to {torch.get_num_threads()}")
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]

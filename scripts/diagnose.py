@@ -4,17 +4,19 @@ where early stopping (GL_alpha, UP_s) would have stopped — each with the steps
 
     python scripts/diagnose.py runs/grpo [--gl-alpha 5 --up-s 3 ...]
 
-Exit status 0 when nothing is wrong, 1 when a warning or error was found. Every threshold of
-nanopost.monitor.Thresholds can be set with --name value.
+Exit status 0 when nothing is wrong, 1 when a warning or error was found or the run has too few
+rows to judge (fewer train rows than --min-rows). Every threshold of nanopost.monitor.Thresholds
+can be set with --name value.
 """
 
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from nanopost.config import main_guard
-from nanopost.metrics import read_metrics
-from nanopost.monitor import Thresholds, diagnose, format_report
+from nanopost.metrics import METRICS_FILE, read_metrics
+from nanopost.monitor import Thresholds, diagnose, format_report, too_few_rows
 
 
 def main() -> None:
@@ -29,9 +31,15 @@ def main() -> None:
     args = vars(ap.parse_args())
     run = args.pop("run")
     args["task_rewards"] = tuple(n for n in args["task_rewards"].split(",") if n)
-    findings = diagnose(read_metrics(run), **args)
-    print(format_report(findings), end="")
-    sys.exit(1 if any(f.severity != "info" for f in findings) else 0)
+    metrics = Path(run) / METRICS_FILE if Path(run).is_dir() else Path(run)
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics}: not found; give a run directory (it holds {METRICS_FILE}) or the file")
+    rows = read_metrics(metrics)
+    findings = diagnose(rows, **args)
+    print(format_report(findings, rows=rows, min_rows=args["min_rows"]), end="")
+    # A run too short to judge has not been found healthy: a script gating on this must not pass it.
+    judged = too_few_rows(rows, args["min_rows"]) is None
+    sys.exit(1 if any(f.severity != "info" for f in findings) or not judged else 0)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The GRPO loop: it learns, it resumes exactly, and its pieces mean what they say."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -106,19 +108,19 @@ def test_overlong_penalty_is_linear_over_the_buffer():
     assert overlong_penalty(lengths, 16, 0, 1.0).tolist() == [0.0] * 5
 
 
-def test_a_new_run_in_a_used_directory_starts_its_metrics_afresh(task, tmp_path):
+def test_overwrite_starts_the_metrics_afresh(task, tmp_path):
     # The held-out evaluation before step 1 logs rows at step 0, which a resume would keep.
     cfg = config(task, tmp_path, steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, eval_every=1,
                  val=str(task[1]), eval_samples=4)
-    for _ in range(2):  # the same directory twice, without --resume
-        train_grpo(cfg, extra_rewards={"sevens": sevens}, log=quiet)
+    for overwrite in (False, True):  # the same directory twice, the second time with --overwrite
+        train_grpo(dataclasses.replace(cfg, overwrite=overwrite), extra_rewards={"sevens": sevens}, log=quiet)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 1]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1]
 
 
 def test_group_size_one_is_refused(task, tmp_path):
-    with pytest.raises(ValueError, match="group_size must be >= 2"):
+    with pytest.raises(ValueError, match="--group-size must be >= 2"):
         config(task, tmp_path, group_size=1).validate()
 
 
