@@ -118,6 +118,9 @@ def test_grpo_raises_the_reward_and_its_first_ratios_are_near_one(task, tmp_path
     rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     rewards = [r["reward_mean"] for r in rows]
     assert sum(rewards[-5:]) / 5 > 3 * sum(rewards[:5]) / 5
+    # Under bf16 the update's old logprobs are its own (the first ratio is exactly 1); the gap to
+    # the fp32 sampler is logged.
+    assert all(r["logp_mismatch_mean"] < 0.01 and r["ratio_max_sampler"] < 1.1 for r in rows)
 
     # The sampler decodes in fp32; the loss may run under bf16 autocast. Their logprobs of the
     # same tokens must agree closely, or the "on-policy" ratio of the first inner step is not 1.
