@@ -15,7 +15,9 @@ Values are converted by the field's annotation:
     bool                        `--flag`, `--flag true|false` (yes/no, on/off, 1/0), `--no-flag`
     X | None                    the word `none` (or `null`) gives None
     Literal["a", "b"]           the value must be one of the choices
-    list[X], tuple[X, ...]      `--layers 1,2,3`, or any TOML array `--stages "[[0, 1.0], [0.5, 0.7]]"`
+    list[X], tuple[X, ...]      `--layers 1,2,3`, or any TOML array `--stages "[[0, 1.0], [0.5, 0.7]]"`;
+                                given again, a list with metadata {"repeat": True} grows instead
+                                (`--reward-fn a.py:f --reward-fn b.py:g`; the first replaces the file's)
     dict[str, X]                a TOML table, or an inline one: `--weights "{accuracy = 1.0}"`
     a dataclass                 a group of options: `--optim.lr`, `[optim]` in TOML
 
@@ -72,6 +74,7 @@ class _Option:
     type: Any
     default: Any  # dataclasses.MISSING when the option is required
     help: str
+    repeat: bool = False  # a list option whose command-line occurrences add up (metadata {"repeat": True})
 
 
 def _is_group(tp: Any) -> bool:
@@ -111,7 +114,7 @@ def _collect(cls: type, prefix: str, defaults: Any, options: dict[str, _Option],
             inner = None if default is dataclasses.MISSING else default
             _collect(tp, key + ".", inner, options, groups)
         else:
-            options[key] = _Option(key, tp, default, f.metadata.get("help", ""))
+            options[key] = _Option(key, tp, default, f.metadata.get("help", ""), f.metadata.get("repeat", False))
 
 
 def _options(cls: type) -> tuple[dict[str, _Option], set[str]]:
@@ -449,8 +452,14 @@ def _resolve(cls: type[T], files: list[str | os.PathLike], overrides: list[tuple
     values: dict[str, Any] = {}
     for path in files:
         values.update(_file_values(_read_file(path), options, groups, str(path)))
+    repeated: set[str] = set()
     for key, raw, shown in overrides:
-        values[key] = _coerce(raw, options[key], shown)
+        value = _coerce(raw, options[key], shown)
+        if key in repeated:  # --reward-fn a.py:f --reward-fn b.py:g: both
+            value = [*values[key], *value]
+        if options[key].repeat:
+            repeated.add(key)
+        values[key] = value
     cfg = _build(cls, values, "", None)
     _validate(cfg, "")
     return cfg

@@ -148,26 +148,7 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
         raise DataError(
             f'{where}: field "messages" must be a non-empty list of {{"role", "content"}} objects, got {got}'
         )
-    out = []
-    for i, m in enumerate(messages):
-        field = f'field "messages"[{i}]'
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: {field} must be an object, got {_json_type(m)}")
-        for key in m:
-            if key not in MESSAGE_KEYS:
-                supported = ", ".join(MESSAGE_KEYS)
-                raise DataError(f"{where}: {field} has unsupported key {key!r} (supported: {supported})")
-        for key in ("role", "content"):
-            if key not in m:
-                raise DataError(f"{where}: missing {field}.{key}")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: {field}.role must be one of {'/'.join(ROLES)}, got {m['role']!r}")
-        for key in ("content", "reasoning_content"):
-            if key in m and not isinstance(m[key], str):
-                raise DataError(f"{where}: {field}.{key} must be a string, got {_json_type(m[key])}")
-        if "reasoning_content" in m and m["role"] != "assistant":
-            raise DataError(f"{where}: {field}.reasoning_content is only for assistant messages")
-        out.append(dict(m))
+    out = [_check_message(m, where, f'field "messages"[{i}]') for i, m in enumerate(messages)]
     if out[0]["role"] == "assistant":
         raise DataError(
             f'{where}: field "messages"[0] is an assistant turn; a conversation starts with system or user'
@@ -175,6 +156,27 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f'{where}: field "messages" has no assistant turn: nothing to train on')
     return out
+
+
+def _check_message(m: Any, where: str, field: str) -> dict:
+    """One {"role", "content"} message; `field` names it in errors: 'field "messages"[2]'."""
+    if not isinstance(m, dict):
+        raise DataError(f"{where}: {field} must be an object, got {_json_type(m)}")
+    for key in m:
+        if key not in MESSAGE_KEYS:
+            supported = ", ".join(MESSAGE_KEYS)
+            raise DataError(f"{where}: {field} has unsupported key {key!r} (supported: {supported})")
+    for key in ("role", "content"):
+        if key not in m:
+            raise DataError(f"{where}: missing {field}.{key}")
+    if m["role"] not in ROLES:
+        raise DataError(f"{where}: {field}.role must be one of {'/'.join(ROLES)}, got {m['role']!r}")
+    for key in ("content", "reasoning_content"):
+        if key in m and not isinstance(m[key], str):
+            raise DataError(f"{where}: {field}.{key} must be a string, got {_json_type(m[key])}")
+    if "reasoning_content" in m and m["role"] != "assistant":
+        raise DataError(f"{where}: {field}.reasoning_content is only for assistant messages")
+    return dict(m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +191,14 @@ def load_rl(path: str | Path) -> list[dict]:
     "id" (str), ...the other fields unchanged}. The id defaults to "{file stem}-{line}", so a
     prompt keeps its name while the file is unchanged; ids must be unique, because the curriculum
     and the eval logs key per-prompt statistics by them.
+
+    The prompt may also be a conversation, as in TRL's conversational format: a list of
+    {"role", "content"} messages (system, user, earlier assistant turns) ending with a user
+    message. It is kept as "messages" and rendered as written (`PromptTemplate.record_messages`:
+    no instruction or format request is added, since the user wrote the conversation), and
+    "prompt" becomes the last user message's content: the question that rewards, tasks and
+    model rewards read. A record may not carry its own "messages" field, which would be mistaken
+    for such a conversation.
     """
     out = []
     first_seen: dict[str, int] = {}
@@ -209,11 +219,19 @@ def _rl_sample(record: dict, where: str, default_id: str) -> dict:
     key = "prompt" if "prompt" in record else "question"
     if key not in record:
         raise DataError(f'{where}: missing field "prompt" (or "question")')
-    prompt = record[key]
-    if not isinstance(prompt, str):
-        raise DataError(f'{where}: field "{key}" must be a string, got {_json_type(prompt)}')
+    if "messages" in record:
+        raise DataError(f'{where}: field "messages" belongs to SFT records; an RL conversation goes in "{key}" '
+                        'as a list of {"role", "content"} messages')
+    prompt, messages = record[key], None
+    if isinstance(prompt, list):
+        messages = _check_prompt_messages(prompt, where, key)
+        prompt = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    elif not isinstance(prompt, str):
+        raise DataError(f'{where}: field "{key}" must be a string, got {_json_type(prompt)} '
+                        '(a conversation is a list of {"role", "content"} messages)')
     if not prompt.strip():
-        raise DataError(f'{where}: field "{key}" is empty')
+        raise DataError(f'{where}: field "{key}" is empty' if messages is None
+                        else f'{where}: field "{key}"[{len(messages) - 1}].content is empty')
 
     if "answer" not in record:
         raise DataError(f'{where}: missing field "answer"')
@@ -243,7 +261,22 @@ def _rl_sample(record: dict, where: str, default_id: str) -> dict:
     sample_id = str(sample_id)
 
     extras = {k: v for k, v in record.items() if k not in (key, "answer", "difficulty", "id")}
+    if messages is not None:
+        extras["messages"] = messages
     return {"prompt": prompt, "answer": answer, "difficulty": difficulty, "id": sample_id, **extras}
+
+
+def _check_prompt_messages(messages: list, where: str, key: str) -> list[dict]:
+    """A conversational RL prompt: messages as in SFT, ending with the user turn the model answers."""
+    if not messages:
+        raise DataError(f'{where}: field "{key}" is an empty list of messages')
+    out = [_check_message(m, where, f'field "{key}"[{i}]') for i, m in enumerate(messages)]
+    if out[0]["role"] == "assistant":
+        raise DataError(f'{where}: field "{key}"[0] is an assistant turn; a conversation starts with system or user')
+    if out[-1]["role"] != "user":
+        raise DataError(f'{where}: field "{key}"[{len(out) - 1}] is a {out[-1]["role"]} message; a conversational '
+                        "prompt ends with the user message the model answers")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

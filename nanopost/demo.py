@@ -31,7 +31,6 @@ import torch
 
 from .checkpoint import load_model, load_tokenizer, save_model
 from .config import save_config
-from .curriculum import CurriculumSampler, Stage
 from .data import load_rl, tokenize_prompt
 from .eval import EvalItem, evaluate
 from .metrics import read_metrics
@@ -199,14 +198,14 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         # then learns to please them instead of getting answers right (seen in practice here).
         adv_scale="none", steps=cfg.grpo_steps, prompts_per_step=cfg.grpo_prompts, group_size=cfg.group_size,
         max_new_tokens=cfg.max_new_tokens, dynamic_sampling="drop", lr=cfg.grpo_lr,
-        eval_every=max(cfg.grpo_steps // 2, 1), eval_samples=10**6, log_every=10, seed=cfg.seed, overwrite=True)
-    # Easy levels first, all levels later with the hard ones in; prompts the model sometimes
-    # solves are preferred (p(1 - p) weighting); the later stage samples hotter.
-    sampler = CurriculumSampler(load_rl(files["grpo"]), total_steps=cfg.grpo_steps, mode="learnability", seed=cfg.seed,
-                                stages=[Stage(until=0.4, max_difficulty=max(cfg.sft_levels), temperature=cfg.temperature),
-                                        Stage(until=1.0, temperature=cfg.temperature_end)])
+        eval_every=max(cfg.grpo_steps // 2, 1), eval_samples=10**6, log_every=10, seed=cfg.seed, overwrite=True,
+        # Easy levels first, all levels later with the hard ones in; prompts the model sometimes
+        # solves are preferred (p(1 - p) weighting); the later stage samples hotter.
+        curriculum="learnability",
+        curriculum_stages=[{"until": 0.4, "max_difficulty": max(cfg.sft_levels), "temperature": cfg.temperature},
+                           {"until": 1.0, "temperature": cfg.temperature_end}])
     t0 = time.perf_counter()
-    train_grpo(grpo_cfg, sampler=sampler,
+    train_grpo(grpo_cfg,
                # Arithmetic reasoning is a few short equations: pay for correct steps, not length.
                extra_rewards={"thinking": sample_reward("thinking", min_tokens=4, arithmetic_weight=0.5)}, log=log)
     grpo_seconds = time.perf_counter() - t0

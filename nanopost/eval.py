@@ -7,6 +7,7 @@ ids and a checker for the completions, so SFT, GRPO and any task share one defin
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -54,8 +55,9 @@ def completions(
     temperature: float = 0.0,
     batch_size: int = 64,
     generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Decoded completions (special tokens dropped), generated in batches."""
+    """Decoded completions (special tokens dropped), generated in batches; progress(done) after each."""
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -63,7 +65,25 @@ def completions(
                        stop_token_ids=tokenizer.stop_token_ids, generator=generator,
                        pad_token_id=tokenizer.pad_token_id)
         texts += [tokenizer.decode(out.completion(i), skip_special_tokens=True) for i in range(len(chunk))]
+        if progress is not None:
+            progress(len(texts))
     return texts
+
+
+def progress_lines(log: Callable[[str], None] | None, what: str, total: int, every_s: float):
+    """A `completions` progress callback that logs "eval: 64/200 prompts" at most every `every_s`
+    seconds (none when the pass is quicker), or None without a log."""
+    if log is None:
+        return None
+    last = time.monotonic()
+
+    def report(done: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= every_s:
+            log(f"eval: {done}/{total} {what}")
+            last = time.monotonic()
+
+    return report
 
 
 def evaluate(
@@ -79,6 +99,8 @@ def evaluate(
     seed: int = 0,
     measures: dict[str, Checker] | None = None,
     dist: Dist = Dist(),
+    log: Callable[[str], None] | None = None,
+    log_every_s: float = 5.0,
 ) -> dict:
     """Greedy accuracy (with a 95% Wilson interval) and, if k > 0, avg@k at `temperature`.
 
@@ -86,6 +108,8 @@ def evaluate(
     `measures` are further per-completion scores (name -> fn(completion, item)), averaged over the
     greedy completions: how often the format holds or the reasoning is written out, say.
     Under torchrun each rank generates for its share of the items and all ranks get the result.
+    With a `log`, a long evaluation says how far it is ("eval: 64/200 prompts", then "eval: 96/800
+    samples" for avg@k) at most every `log_every_s` seconds; under torchrun the counts are this rank's.
     """
     measures = measures or {}
     was_training = model.training
@@ -93,7 +117,8 @@ def evaluate(
     all_items = items
     items = [items[i] for i in shard(len(items), dist)]
     prompts = [it.prompt_ids for it in items]
-    greedy = completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    greedy = completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         progress=progress_lines(log, "prompts", len(prompts), log_every_s))
     scores = [check(c, it) for c, it in zip(greedy, items)]
     measured = {name: sum(fn(c, it) for c, it in zip(greedy, items)) for name, fn in measures.items()}
     sampled_scores: list[float] = []
@@ -102,7 +127,8 @@ def evaluate(
         g = torch.Generator(device=model.device).manual_seed(seed + 1_000_003 * dist.rank)
         sampled = completions(model, tokenizer, [p for p in prompts for _ in range(k)],
                               max_new_tokens=max_new_tokens, temperature=temperature,
-                              batch_size=batch_size, generator=g)
+                              batch_size=batch_size, generator=g,
+                              progress=progress_lines(log, "samples", k * len(prompts), log_every_s))
         sampled_scores = [check(c, items[i // k]) for i, c in enumerate(sampled)]
     if dist.active:
         parts = dist.gather((scores, sampled_scores, greedy[:1], measured))

@@ -183,6 +183,17 @@ class PromptTemplate:
             )
         return per_label
 
+    def record_messages(self, record: Mapping[str, Any]) -> list[dict]:
+        """The chat messages for an RL record (nanopost.data.load_rl).
+
+        A conversational record ("messages", from a prompt given as a list of messages) is rendered
+        as written: the user wrote the whole conversation, system message included, so neither the
+        instruction nor the format request nor the exemplars are added. A plain one is `messages`.
+        """
+        if record.get("messages") is not None:
+            return [dict(m) for m in record["messages"]]
+        return self.messages(record["prompt"])
+
     def messages(self, question: str, *, rng: random.Random | None = None) -> list[dict]:
         """Chat messages asking `question`: system, the n-shot exemplars as turns, then the question."""
         if not isinstance(question, str) or not question.strip():

@@ -48,11 +48,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -60,20 +61,23 @@ from . import distributed, interrupt
 from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .checkpoint import load_config, load_model, load_tokenizer, save_model
 from .config import is_finite, require
-from .curriculum import PromptSampler, UniformSampler
+from .curriculum import CurriculumSampler, PromptSampler, UniformSampler, stages_from_tables
 from .data import check_prompts_fit, load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
 from .grpo import group_advantages, policy_loss, token_logprobs, token_logprobs_and_entropy
 from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import LiveMonitor, check_stop_on, stop_if_diverged
+from .run_summary import summary_lines
 from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
 from .runtime import autocast, check_training_options
 from .schedules import lr_at, set_lr, temperature_at
+from .tasks import TASKS, get_task
 from .tokenizer import Tokenizer
+from .user_rewards import load_reward_fns, parse_spec
 
 
 # What --importance gives clip_low, clip_high and agg when they are left unset (None):
@@ -99,7 +103,8 @@ class GRPOConfig:
     train: str = field(default="", metadata={"help": "RL JSONL: {prompt|question, answer, difficulty?, id?}"})
     val: str | None = field(default=None, metadata={"help": "held-out RL JSONL for accuracy"})
     out: str = "runs/grpo"
-    task: str | None = field(default=None, metadata={"help": "arithmetic | countdown | gsm8k: the task's answer check for eval"})
+    task: str | None = field(default=None, metadata={
+        "help": "arithmetic | countdown | gsm8k: the task's answer check, for eval and as the `accuracy` reward"})
     chat_format: ChatFormatName | None = field(default=None, metadata={"help": CHAT_FORMAT_HELP})
     # prompt
     instruction: str = "Solve the problem."
@@ -117,6 +122,26 @@ class GRPOConfig:
     rm_ensemble_normalize: Literal["group", "none"] = field(default="group", metadata={
         "help": "group: standardise each member's scores over the completions of each prompt before "
                 "combining, so no member dominates by its scale (members are logged raw); none: raw scores"})
+    reward_fn: list[str] = field(default_factory=list, metadata={"repeat": True, "help": (
+        "a reward of your own, (completion, record) -> float, logged under its name; repeatable: "
+        "module:function or path/file.py:function, optionally =weight (nanopost/user_rewards.py)")})
+    # curriculum (nanopost/curriculum.py)
+    curriculum: Literal["uniform", "staged", "learnability", "band"] = field(default="uniform", metadata={
+        "help": "prompt sampling: uniform (a shuffle per epoch); staged (--curriculum-stages, uniform within a "
+                "stage); learnability (weight p(1-p) of the online pass rate); band (pass rate inside "
+                "--curriculum-band)"})
+    curriculum_stages: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "help": 'TOML array of stages, e.g. "[{until = 0.5, levels = [1, 3], temperature = 0.8}, {until = 1.0}]"; '
+                "keys: until, levels, min_difficulty, max_difficulty, quantiles, temperature, group_size"})
+    curriculum_mix_previous: float = field(default=0.2, metadata={
+        "help": "share of each step's prompts drawn from earlier stages"})
+    curriculum_band: tuple[float, float] = field(default=(0.0, 1.0), metadata={
+        "help": "band: draw prompts whose pass rate is strictly inside (lo, hi)"})
+    curriculum_floor: float = field(default=0.01, metadata={"help": "learnability: the least weight of a prompt"})
+    curriculum_explore: float = field(default=0.25, metadata={"help": "learnability: weight of a prompt not yet tried"})
+    curriculum_retire: float | None = field(default=None, metadata={
+        "help": "retire a prompt whose pass rate exceeds this after --curriculum-retire-min-tries groups"})
+    curriculum_retire_min_tries: int = 3
     # rollouts
     steps: int = 100
     prompts_per_step: int = 8
@@ -250,6 +275,8 @@ class GRPOConfig:
             if t is not None and not t > 0:
                 raise ValueError(f"{option} must be > 0, got {t}: GRPO samples its groups, and greedy "
                                  "groups have zero variance, so no advantage")
+        self._check_task_and_rewards()
+        self._check_curriculum()
         if self.overlong_buffer > 0 and "overlong" in self.rewards:
             raise ValueError("--rewards may not name 'overlong' while --overlong-buffer is on: that is "
                              "the name of the length penalty's own reward term")
@@ -259,6 +286,114 @@ class GRPOConfig:
                            stages=self.temperature_stages or None)
         except ValueError as e:
             raise ValueError(f"--temperature-stages: {e}") from None
+
+    def _check_task_and_rewards(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        own = [parse_spec(spec) for spec in self.reward_fn]
+        names = [name for _, name, _ in own]
+        for name in names:
+            if names.count(name) > 1 or name in self.reward_models or name == "overlong":
+                raise ValueError(f"--reward-fn: the name {name!r} is taken (another --reward-fn, a reward model "
+                                 "or the overlong penalty); rename the function")
+        # Countdown's own check needs the puzzle's numbers and target, which only Countdown records have.
+        if "countdown" in self.rewards and "countdown" not in names and self.task not in (None, "countdown"):
+            raise ValueError(f"--rewards names 'countdown', Countdown's expression check, but --task is {self.task}, "
+                             "whose records have no numbers and target to check it against: drop it from --rewards")
+
+    def _check_curriculum(self) -> None:
+        if self.curriculum == "uniform":
+            # Each curriculum option belongs to a curriculum; with uniform sampling it would do nothing.
+            given = [f.name for f in dataclasses.fields(self) if f.name.startswith("curriculum_")
+                     and getattr(self, f.name) != _default(f)]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} is used only by --curriculum staged, learnability "
+                                 "or band, and this run's is uniform: choose one of those or drop the option")
+        if self.curriculum == "staged" and not self.curriculum_stages:
+            raise ValueError('--curriculum staged needs --curriculum-stages, e.g. '
+                             '"[{until = 0.5, levels = [1, 3]}, {until = 1.0}]"')
+        try:
+            stages = stages_from_tables(self.curriculum_stages)
+        except ValueError as e:
+            raise ValueError(f"--curriculum-stages: {e}") from None
+        for i, stage in enumerate(stages):
+            rows = self.prompts_per_step * (stage.group_size or self.group_size)
+            if stage.group_size is not None and self.minibatches > rows:
+                raise ValueError(f"--curriculum-stages: stage {i}: group_size {stage.group_size} gives {rows} rows "
+                                 f"a step, fewer than --minibatches {self.minibatches}")
+        lo, hi = self.curriculum_band
+        require(
+            ("--curriculum-mix-previous", self.curriculum_mix_previous, 0 <= self.curriculum_mix_previous <= 1,
+             "in [0, 1]"),
+            ("--curriculum-band", self.curriculum_band, 0 <= lo < hi <= 1, "(lo, hi) with 0 <= lo < hi <= 1"),
+            ("--curriculum-floor", self.curriculum_floor,
+             is_finite(self.curriculum_floor) and self.curriculum_floor >= 0, "a finite number >= 0"),
+            ("--curriculum-explore", self.curriculum_explore,
+             is_finite(self.curriculum_explore) and self.curriculum_explore > 0, "a finite number > 0"),
+            ("--curriculum-retire", self.curriculum_retire,
+             self.curriculum_retire is None or 0 <= self.curriculum_retire < 1, "in [0, 1), or none"),
+            ("--curriculum-retire-min-tries", self.curriculum_retire_min_tries, self.curriculum_retire_min_tries >= 1,
+             ">= 1"),
+        )
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def make_sampler(cfg: GRPOConfig, records: list[dict], pass_rates: dict[str, float] | None = None) -> PromptSampler:
+    """The prompt sampler --curriculum and its options describe (nanopost/curriculum.py).
+
+    `pass_rates` (curriculum.estimate_pass_rates) give records without a "difficulty" theirs and
+    start the online estimates. The demo and the curriculum experiment build theirs here too.
+    """
+    if cfg.curriculum == "uniform":
+        return UniformSampler(records, seed=cfg.seed)
+    try:
+        return CurriculumSampler(
+            records, total_steps=cfg.steps, stages=stages_from_tables(cfg.curriculum_stages),
+            mode="uniform" if cfg.curriculum == "staged" else cfg.curriculum, band=cfg.curriculum_band,
+            retire_threshold=cfg.curriculum_retire, retire_min_tries=cfg.curriculum_retire_min_tries,
+            explore=cfg.curriculum_explore, floor=cfg.curriculum_floor, mix_previous=cfg.curriculum_mix_previous,
+            pass_rates=pass_rates, seed=cfg.seed)
+    except ValueError as e:  # e.g. a stage that filters by difficulty over records without one
+        raise ValueError(f"--curriculum-stages: {e} ({cfg.train})") from None
+
+
+def reward_setup(cfg: GRPOConfig, task, records: list[dict], log) -> tuple[dict[str, float], dict[str, Callable]]:
+    """(weights, functions) of the run's rewards other than reward models: --rewards, the task's
+    check as `accuracy`, and each --reward-fn (imported and checked on the first records now)."""
+    own = load_reward_fns(cfg.reward_fn, records)
+    weights = dict(cfg.rewards)
+    for spec in cfg.reward_fn:
+        _, name, weight = parse_spec(spec)
+        weights[name] = weight if weight is not None else weights.get(name, 1.0)
+        log(f"reward {name}: {spec}, weight {weights[name]:g}")
+    if "accuracy" in own or "accuracy" not in weights:
+        return weights, own
+    if task is None and records and records[0].get("numbers") is not None and records[0].get("target") is not None:
+        raise ValueError(f"{cfg.train} holds Countdown puzzles (numbers, target), and without --task the `accuracy` "
+                         "reward compares the answer's text with the reference expression, so another correct "
+                         "expression earns 0: add --task countdown")
+    return weights, {**task_rewards(task, records, cfg.train, log), **own}
+
+
+def task_rewards(task, records: list[dict], path: str, log) -> dict[str, Callable]:
+    """With --task, the task's own check is the `accuracy` reward, so training scores what eval scores
+    (Countdown: any expression reaching the target, not the reference's spelling)."""
+    if task is None:
+        return {}
+    for i, record in enumerate(records):
+        missing = [f for f in task.fields if record.get(f) is None]
+        if missing:
+            raise ValueError(f"{path}: record {record.get('id', i)!r} has no {missing[0]!r}, which --task "
+                             f"{task.name}'s check needs (fields: {', '.join(task.fields)})")
+    log(f"reward accuracy: the {task.name} task's check ({task.verifier})")
+
+    def accuracy(completion: str, sample: dict) -> float:
+        return task.check(completion, sample)
+
+    return {"accuracy": accuracy}
 
 
 # ---------------------------------------------------------------- rollouts
@@ -583,13 +718,20 @@ def _split(order: list[int], parts: int) -> list[list[int]]:
 
 def tokenize_prompts(tokenizer: Tokenizer, template: PromptTemplate, path: str | None, records: list[dict],
                      max_new_tokens: int, context: int) -> dict[str, list[int]]:
-    """{prompt: token ids} of the records read from `path`, rendered with the template; a prompt that
-    leaves no room for max_new_tokens in the model's context is refused now, naming its path:line,
-    rather than when the sampler first draws it."""
-    ids = {r["prompt"]: tokenize_prompt(tokenizer, template.messages(r["prompt"])) for r in records}
+    """{prompt_key: token ids} of the records read from `path`, rendered with the template (a
+    conversational record as written); a prompt that leaves no room for max_new_tokens in the model's
+    context is refused now, naming its path:line, rather than when the sampler first draws it."""
+    ids = {prompt_key(r): tokenize_prompt(tokenizer, template.record_messages(r)) for r in records}
     if records:
-        check_prompts_fit(path, {i: len(ids[r["prompt"]]) for i, r in enumerate(records)}, max_new_tokens, context)
+        check_prompts_fit(path, {i: len(ids[prompt_key(r)]) for i, r in enumerate(records)}, max_new_tokens, context)
     return ids
+
+
+def prompt_key(record: dict):
+    """What a record's rendering depends on: its question, or its whole conversation when it has one
+    (two conversations may end with the same user message)."""
+    messages = record.get("messages")
+    return record["prompt"] if messages is None else json.dumps(messages, sort_keys=True)
 
 
 @interrupt.stop_on_signals()
@@ -618,18 +760,20 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     train_prompts = tokenize_prompts(tokenizer, template, cfg.train, records, cfg.max_new_tokens, context)
     val_records = load_rl(cfg.val)[: cfg.eval_samples] if cfg.val else []
     val_prompts = tokenize_prompts(tokenizer, template, cfg.val, val_records, cfg.max_new_tokens, context)
+    # Rewards and the sampler come from the data before the model loads: a bad stage or reward
+    # function costs no time.
+    task = get_task(cfg.task) if cfg.task else None
+    weights, reward_fns = reward_setup(cfg, task, records, log)
+    sampler = sampler or make_sampler(cfg, records)
     policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
     reference = None
     if cfg.beta > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    sampler = sampler or UniformSampler(records, seed=cfg.seed)
-    scorer = RewardScorer(cfg.rewards, cfg.reward_mode, {**model_rewards(cfg, device), **(extra_rewards or {})})
-    if check is None and cfg.task:
-        from .tasks import get_task
-
-        task = get_task(cfg.task)
+    scorer = RewardScorer(weights, cfg.reward_mode,
+                          {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
+    if check is None and task is not None:
         check = lambda completion, item: task.check(completion, item.record)  # noqa: E731
-    eval_items = [EvalItem(val_prompts[r["prompt"]], r["answer"], r.get("difficulty"), r) for r in val_records]
+    eval_items = [EvalItem(val_prompts[prompt_key(r)], r["answer"], r.get("difficulty"), r) for r in val_records]
 
     # Each rank samples its own completions; rank 0's stream is the single-process one.
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
@@ -651,6 +795,12 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         if reward_states:
             scorer.load_state_dict(reward_states[dist.rank if dist.rank < len(reward_states) else 0])
         log(f"resumed from {resume_from} at step {step}")
+    data = (f"{len(records):,} prompts ({sum(len(train_prompts[prompt_key(r)]) for r in records):,} prompt tokens), "
+            f"{len(val_records):,} held-out; {cfg.steps - step} steps to run, "
+            f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples of up to {cfg.max_new_tokens} tokens each")
+    for line in summary_lines(run=run, resume_from=resume_from, step=step, data=data, model=policy, device=device,
+                              precision=cfg.precision):
+        log(line)
     metrics = MetricsLogger(run, resume_step=step, fresh=resume_from is None, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
     monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
@@ -671,7 +821,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         nonlocal best
         with distributed.gathered(policy):
             res = evaluate(policy, tokenizer, eval_items, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_k,
-                           temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed, dist=dist)
+                           temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed, dist=dist,
+                           log=log)
         row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
         row.update({f"accuracy_level_{k}": v for k, v in res["per_difficulty"].items()})
         monitor.observe(metrics.log(row))
@@ -709,7 +860,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         for _ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling == "refill" else 0)):
             recs = sampler.sample(want, step)
             # Tokenized at the start; a sampler given by the caller may hold prompts of its own.
-            prompt_ids = [train_prompts.get(r["prompt"]) or tokenize_prompt(tokenizer, template.messages(r["prompt"]))
+            prompt_ids = [train_prompts.get(prompt_key(r)) or tokenize_prompt(tokenizer, template.record_messages(r))
                           for r in recs]
             ro = collect_global(policy, tokenizer, recs, prompt_ids, scorer, step_cfg, temperature, generator, dist)
             sampler.update(recs, _pass_rates(ro, G), step)

@@ -38,6 +38,7 @@ from .data import (Batch, Example, check_prompts_fit, fit_examples, load_sft, lo
 from .eval import EvalItem, evaluate
 from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import LiveMonitor, check_stop_on, stop_if_diverged
+from .run_summary import summary_lines
 from .model import Transformer
 from .rewards import extract_answer
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
@@ -229,6 +230,13 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     step, consumed, best = extra.get("step", 0), extra.get("consumed", 0), extra.get("best_val_loss", math.inf)
     if resume_from is not None:
         log(f"resumed from {resume_from} at step {step}")
+    held_out = f", {len(val_examples):,} held-out" if cfg.val else ""
+    data = (f"{len(train_examples):,} examples ({sum(map(len, train_examples)):,} tokens, "
+            f"{sum(e.num_loss_tokens for e in train_examples):,} trained){held_out}; {total_steps - step} steps to run, "
+            f"{per_step} micro-batch(es) of {cfg.batch_rows} x {cfg.max_len} tokens each")
+    for line in summary_lines(run=run, resume_from=resume_from, step=step, data=data, model=model, device=device,
+                              precision=cfg.precision):
+        log(line)
     metrics = MetricsLogger(run, resume_step=step, fresh=resume_from is None, write=dist.main)
     # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
     monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
@@ -247,7 +255,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
             if val_batches:
                 row["val_loss"] = held_out_loss(model, val_batches, device, cfg.precision, dist)
             if acc_items:
-                res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens, dist=dist)
+                res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens, dist=dist, log=log)
         if acc_items:
             row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
         monitor.observe(metrics.log(row))

@@ -34,22 +34,23 @@ from pathlib import Path
 
 from nanopost.checkpoint import load_model, load_tokenizer
 from nanopost.config import main_guard, parse_config
-from nanopost.curriculum import (CurriculumSampler, Stage, estimate_pass_rates, load_pass_rates,
-                                 per_difficulty_table, save_pass_rates, write_report_table)
+from nanopost.curriculum import (estimate_pass_rates, load_pass_rates, per_difficulty_table, save_pass_rates,
+                                 write_report_table)
 from nanopost.data import load_rl, tokenize_prompt
 from nanopost.metrics import read_metrics
 from nanopost.prompts import PromptTemplate
 from nanopost.rewards import accuracy_reward
-from nanopost.rl import GRPOConfig, train_grpo
+from nanopost.rl import GRPOConfig, make_sampler, train_grpo
 from nanopost.runtime import pick_device
 
 ARMS = ("uniform", "curriculum")
 
 
-def curriculum_stages(temperature: float, step: float) -> list[Stage]:
-    return [Stage(until=1 / 3, quantiles=(0.0, 0.5), temperature=temperature),
-            Stage(until=2 / 3, quantiles=(0.25, 0.75), temperature=temperature + step),
-            Stage(until=1.0, quantiles=(0.5, 1.0), temperature=temperature + 2 * step)]
+def curriculum_stages(temperature: float, step: float) -> list[dict]:
+    """The curriculum arm's --curriculum-stages."""
+    return [{"until": 1 / 3, "quantiles": [0.0, 0.5], "temperature": temperature},
+            {"until": 2 / 3, "quantiles": [0.25, 0.75], "temperature": temperature + step},
+            {"until": 1.0, "quantiles": [0.5, 1.0], "temperature": temperature + 2 * step}]
 
 
 def pass_rate_prepass(cfg: GRPOConfig, records: list[dict], k: int, cache: Path) -> dict[str, float] | None:
@@ -135,16 +136,17 @@ def main() -> None:
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in range(args.seeds):
         for arm in ARMS:
-            run = dataclasses.replace(cfg, seed=seed, out=str(out / arm / f"seed{seed}"))
+            run = dataclasses.replace(cfg, seed=seed, out=str(out / arm / f"seed{seed}"), curriculum="uniform",
+                                      curriculum_stages=[])
             sampler = None
             if arm == "curriculum":
                 # The schedule changes at the stage boundaries too, so the loop samples at the
                 # stage temperature whether it reads the schedule or sampler.stage_settings.
-                changes = [(s.until, nxt.temperature) for s, nxt in zip(stages, stages[1:])]
+                changes = [(s["until"], nxt["temperature"]) for s, nxt in zip(stages, stages[1:])]
                 run = dataclasses.replace(run, temperature_schedule="stages", temperature_end=None,
-                                          temperature_stages=changes)
-                sampler = CurriculumSampler(records, total_steps=cfg.steps, stages=stages, mode="learnability",
-                                            mix_previous=args.mix_previous, pass_rates=prior, seed=seed)
+                                          temperature_stages=changes, curriculum="learnability",
+                                          curriculum_stages=stages, curriculum_mix_previous=args.mix_previous)
+                sampler = make_sampler(run, records, pass_rates=prior)
             print(f"== {arm}, seed {seed} -> {run.out}")
             train_grpo(run, sampler=sampler)
             write_report_table(run.out, counts=counts)

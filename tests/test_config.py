@@ -240,3 +240,18 @@ def test_main_guard_in_process(capsys):
 
 def test_format_help_is_available_without_exiting():
     assert "--max-steps INT" in format_help(Train, prog="train.py")
+
+
+@dataclass
+class Repeated:
+    plugins: list[str] = field(default_factory=list, metadata={"repeat": True})
+    tags: list[str] = field(default_factory=list)
+
+
+def test_a_repeatable_list_option_adds_up_on_the_command_line(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('plugins = ["from_file"]\ntags = ["from_file"]\n')
+    cfg = parse_config(Repeated, ["--config", str(toml), "--plugins", "a.py:f", "--plugins", "b:g,c:h",
+                                  "--tags", "x", "--tags", "y"])
+    assert cfg.plugins == ["a.py:f", "b:g", "c:h"]  # the command line replaces the file's, then grows
+    assert cfg.tags == ["y"]  # any other option: the last one given wins

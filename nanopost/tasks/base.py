@@ -38,6 +38,10 @@ class Task:
 
     name: str = "task"
     levels: list[int] = []
+    # What `check` compares and the record fields it reads: GRPO's --task makes `check` the
+    # `accuracy` reward, logs `verifier` and refuses training data without `fields`.
+    verifier: str = "numeric match of the extracted answer with the record's answer"
+    fields: tuple[str, ...] = ("answer",)
 
     def sample(self, rng: random.Random, difficulty: int | None = None) -> dict:
         """One record at `difficulty` (a level drawn uniformly from `levels` when None)."""

@@ -43,6 +43,8 @@ class CountdownTask(GeneratedTask):
 
     name = "countdown"
     levels = sorted(LEVELS)
+    verifier = "the answer is an expression that uses each given number once and reaches the target"
+    fields = ("numbers", "target")
 
     def generate(self, rng: random.Random, level: int) -> dict:
         count, largest = LEVELS[level]
