@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .fused import QKVRopeFn, RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, fused_ok, rotate_pairs, scores_attention
 
@@ -267,7 +268,10 @@ class _RecordKV:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.kv.append((k, v))
+        # A checkpointed block writes again when the backward recomputes it; the first forward's
+        # keys and values are the ones in the graph, so they stay.
+        if layer == len(self.kv):
+            self.kv.append((k, v))
         return k, v
 
 
@@ -473,11 +477,19 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Causal LM. Parameter names equal transformers' `*ForCausalLM` state-dict keys."""
+    """Causal LM. Parameter names equal transformers' `*ForCausalLM` state-dict keys.
+
+    grad_checkpointing: when True, every forward that records gradients (training; never
+    sampling, evaluation or no-grad passes) runs each block under torch.utils.checkpoint, so a
+    block keeps only its input and the backward recomputes its activations: one more block
+    forward each, for not storing them. The model has no dropout, so the recomputation gives the
+    same values bit for bit, and non-reentrant checkpointing replays the autocast state.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.grad_checkpointing = False
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -577,7 +589,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(documents.grid(documents.flat(positions)[None]), self.model.embed_tokens.weight.dtype)
         x = self.model.embed_tokens(documents.flat(input_ids))[None]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, None, documents, keep if i == len(self.model.layers) - 1 else None)
+            x = self._block(layer, x, cos, sin, None, documents, keep if i == len(self.model.layers) - 1 else None)
         return self.model.norm(x), documents
 
     def _blocks(self, input_ids, positions, mask, cache, rope=None, keep=None) -> torch.Tensor:
@@ -586,8 +598,17 @@ class Transformer(nn.Module):
         if mask is not None:
             mask = additive_mask(mask, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, keep if i == len(self.model.layers) - 1 else None)
+            x = self._block(layer, x, cos, sin, mask, cache, keep if i == len(self.model.layers) - 1 else None)
         return x
+
+    def _block(self, layer: Block, x, cos, sin, mask, cache, keep) -> torch.Tensor:
+        """One block, checkpointed under grad_checkpointing when gradients are recorded. A KV
+        cache (decoding) is never checkpointed: the recomputation would write into it again."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not isinstance(cache, KVCache):
+            # Non-reentrant: gradients also reach tensors the block reads without taking them as
+            # arguments (a shared prompt's keys and values), and it works under DDP and FSDP2.
+            return checkpoint(layer, x, cos, sin, mask, cache, keep, use_reentrant=False)
+        return layer(x, cos, sin, mask, cache, keep)
 
     def _after_prefix(self, input_ids: torch.Tensor, prefix: SharedPrefix) -> torch.Tensor:
         """Final-norm hidden states [N, 1 + T, hidden]: each prompt's last position, then the row's tokens."""

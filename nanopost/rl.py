@@ -73,7 +73,7 @@ from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
-from .runtime import autocast, check_training_options
+from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options
 from .schedules import lr_at, set_lr, temperature_at
 from .tasks import TASKS, get_task
 from .tokenizer import Tokenizer
@@ -199,6 +199,7 @@ class GRPOConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     fsdp: bool = field(default=False, metadata={"help": distributed.FSDP_HELP})
+    grad_checkpointing: bool = field(default=False, metadata={"help": GRAD_CHECKPOINTING_HELP})
     stop_on: list[str] = field(default_factory=list, metadata={
         "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
     resume: bool = field(default=False, metadata={
@@ -769,6 +770,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     reference = None
     if cfg.beta > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy.grad_checkpointing = cfg.grad_checkpointing  # the update's forwards alone record gradients
     scorer = RewardScorer(weights, cfg.reward_mode,
                           {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
     if check is None and task is not None:

@@ -33,7 +33,7 @@ CONFIG_FILES = ("config.json", "config.toml")
 
 # Options --resume may change: they decide how the run is watched, on what it runs and where it
 # writes, not what it trains on or how it updates.
-RESUME_SAFE = {"out", "device", "fsdp", "micro_batch", "val", "task",
+RESUME_SAFE = {"out", "device", "fsdp", "grad_checkpointing", "micro_batch", "val", "task",
                "eval_every", "eval_samples", "eval_k", "eval_temperature", "eval_accuracy_samples", "log_every",
                "save_every", "stop_on", "max_seconds"}
 # The run's length may grow (steps past the old end are new training), not shrink.

@@ -12,6 +12,10 @@ from .config import is_finite, require
 from .model import Transformer
 
 
+GRAD_CHECKPOINTING_HELP = ("recompute each block's activations in the backward instead of storing them: "
+                           "one more forward per block for much less activation memory")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """The device `--device` names ("auto": a GPU if there is one, else the CPU).
 

@@ -42,7 +42,7 @@ from .run_summary import summary_lines
 from .model import Transformer
 from .rewards import extract_answer
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
-from .runtime import autocast, check_training_options
+from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options
 from .schedules import lr_at, set_lr
 from .tokenizer import Tokenizer
 
@@ -81,6 +81,7 @@ class SFTConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     fsdp: bool = field(default=False, metadata={"help": distributed.FSDP_HELP})
+    grad_checkpointing: bool = field(default=False, metadata={"help": GRAD_CHECKPOINTING_HELP})
     stop_on: list[str] = field(default_factory=list, metadata={
         "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
     resume: bool = field(default=False, metadata={
@@ -215,6 +216,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
                               cfg.max_new_tokens, context)
     model = load_model(cfg.model, device=device, dtype=torch.float32)
     model.train()
+    model.grad_checkpointing = cfg.grad_checkpointing
 
     def epoch_batches(epoch: int) -> list[Batch]:
         return pack_examples(train_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id,

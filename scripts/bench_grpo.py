@@ -19,7 +19,8 @@ its own order; the reward function records each step's prompt lengths for the FL
               max_completion_length=64, beta=0.04, epsilon=0.2, epsilon_high=0.28,
               loss_type="dapo" (token mean), scale_rewards="group", transformers' generate (no
               vLLM), bf16 off and gradient checkpointing off (TRL's defaults turn both on; the
-              checkpointing would recompute the forward pass, work nanopost does not do).
+              checkpointing would recompute the forward pass, work nanopost does only with
+              --grad-checkpointing).
 
 Fixed length: the tokenizer's eos is an added token whose id (1024) is one past the model's last
 output row, so neither sampler can draw it, and both still run their usual stop-token checks.

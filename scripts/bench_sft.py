@@ -1,6 +1,7 @@
 """SFT training throughput: nanopost vs TRL's SFTTrainer on the same random model and data.
 
-    python scripts/bench_sft.py [--sizes tiny small] [--steps 8] [--warmup 2] [--rounds 3] [--threads 2] [--no-trl]
+    python scripts/bench_sft.py [--sizes tiny small] [--steps 8] [--warmup 2] [--rounds 3] [--threads 2]
+                                [--no-trl] [--no-memory]
 
 Both sides train in fp32 on the CPU, from the same weights, on the same ~100-token chats (a
 1024-token byte-level BPE, ChatML), with the loss on the assistant reply only, and AdamW with
@@ -13,9 +14,10 @@ lr 3e-4, weight decay 0.1, betas (0.9, 0.95), gradient clipping at 1.0, 8 exampl
               transformers tokenizer of the same files), per_device_train_batch_size=8, each
               batch padded to its longest example, completion_only_loss=True, no packing and no
               padding-free. Gradient checkpointing is off: TRL turns it on by default, and it
-              would recompute the forward pass, work nanopost does not do. TRL's token ids are
-              checked equal to tokenize_chat's; its loss also covers the newline after
-              <|im_end|>, one target more per example at the same compute.
+              would recompute the forward pass, work nanopost does only with
+              --grad-checkpointing. TRL's token ids are checked equal to tokenize_chat's; its
+              loss also covers the newline after <|im_end|>, one target more per example at the
+              same compute.
 
 A token is a position that predicts a next token, padding excluded: an example of n ids counts
 n - 1 in both (TRL also feeds the n-th id, whose prediction trains nothing). A step is timed from
@@ -39,6 +41,10 @@ faster; 'reached' is nanopost's tokens/s as a share of it.
 
 Each side keeps its own AdamW implementation, as a user of either would get it: make_optimizer's
 for nanopost, the Trainer's default `optim` for TRL (adamw_torch_fused with torch >= 2.8).
+
+The memory line under each size gives nanopost's peak resident memory (VmHWM) over the same
+steps without and with --grad-checkpointing, each in a fresh process of its own (a process's
+peak never goes down), beside the resident memory before its first step; --no-memory skips it.
 """
 
 from __future__ import annotations
@@ -46,15 +52,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 
-from nanopost.benchmark import (alternate_rounds, bench_config, document_lengths, matmul_peak_flops, random_chats,
-                                training_flops, training_matmul_floor)
+from nanopost.benchmark import (alternate_rounds, bench_config, document_lengths, matmul_peak_flops, peak_rss,
+                                random_chats, training_flops, training_matmul_floor)
 from nanopost.checkpoint import save_model
 from nanopost.data import Batch, Example, pack_examples, tokenize_chat
 from nanopost.model import Transformer
@@ -75,19 +84,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="turns each side takes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory line")
+    ap.add_argument("--memory-worker", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        return memory_worker(args)
     run_trl = not args.no_trl
     if run_trl and importlib.util.find_spec("trl") is None:
         print("trl is not installed (pip install -e '.[bench]'): timing nanopost alone")
         run_trl = False
 
     print(f"{args.threads} threads, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    tokenizer = train_bpe([m["content"] for chat in random_chats(200, seed=0) for m in chat], vocab_size=1024)
-    chats = random_chats(BATCH * (args.warmup + args.steps), seed=1)
-    examples = [tokenize_chat(tokenizer, chat) for chat in chats]
-    row = max(map(len, examples)) - 1  # positions of the longest example: one example per row at most
-    batches = pack_examples(examples, row, BATCH, pad_id=tokenizer.pad_token_id, shuffle_seed=0)
+    tokenizer, chats, examples, row, batches = bench_data(args)
     lengths = [len(e) for e in examples]
     per_step = statistics.mean(len(document_lengths(b.segment_ids)) for b in batches)
     print(f"data: {len(examples)} chats of {min(lengths)}-{max(lengths)} ids (mean {statistics.mean(lengths):.0f}), "
@@ -140,7 +149,42 @@ def main() -> None:
                 needed += f", TRL {needed_share(model, theirs, peak)}"
         print(line, flush=True)
         print(f"{'':6s} of peak counting only the FLOPs the loss needs: {needed}", flush=True)
+        if not args.no_memory:
+            print(f"{'':6s} {memory_line(args, size)}", flush=True)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def bench_data(args):
+    """(tokenizer, chats, their examples, row length, packed batches): the same in every process."""
+    tokenizer = train_bpe([m["content"] for chat in random_chats(200, seed=0) for m in chat], vocab_size=1024)
+    chats = random_chats(BATCH * (args.warmup + args.steps), seed=1)
+    examples = [tokenize_chat(tokenizer, chat) for chat in chats]
+    row = max(map(len, examples)) - 1  # positions of the longest example: one example per row at most
+    batches = pack_examples(examples, row, BATCH, pad_id=tokenizer.pad_token_id, shuffle_seed=0)
+    return tokenizer, chats, examples, row, batches
+
+
+def memory_worker(args) -> None:
+    """nanopost's steps of one size in this fresh process; prints its resident memory as JSON."""
+    *_, batches = bench_data(args)
+    model = Transformer(bench_config(args.sizes[0]))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    model.grad_checkpointing = args.memory_worker == "checkpointing"
+    before = peak_rss()
+    time_nanopost(model, batches, args.warmup)
+    print(json.dumps({"before": before, "peak": peak_rss()}))
+
+
+def memory_line(args, size: str) -> str:
+    mib = {}
+    for mode in ("plain", "checkpointing"):
+        cmd = [sys.executable, __file__, "--sizes", size, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--threads", str(args.threads), "--memory-worker", mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        mib[mode] = {k: v / 2**20 for k, v in json.loads(out.splitlines()[-1]).items()}
+    plain, ckpt = mib["plain"], mib["checkpointing"]
+    return (f"nanopost peak RSS: {plain['peak']:.0f} MiB, {ckpt['peak']:.0f} MiB with --grad-checkpointing "
+            f"({plain['before']:.0f} / {ckpt['before']:.0f} MiB before the first step; a fresh process each)")
 
 
 def best_step(steps: list[Step]) -> Step:

@@ -53,6 +53,7 @@ def one_update(cfg: rl.GRPOConfig, out: Path) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     policy = load_model(cfg.model).train()
+    policy.grad_checkpointing = cfg.grad_checkpointing
     reference = load_model(cfg.model).eval().requires_grad_(False) if cfg.beta > 0 else None
     template = PromptTemplate(instruction=cfg.instruction, reasoning=cfg.reasoning)
     records = load_rl(cfg.train)[: cfg.prompts_per_step]

@@ -136,6 +136,9 @@ UPDATES = {  # each a different way of splitting rows over 2 ranks
         agg="seq-mean-token-mean", mu=2, minibatches=2, micro_batch=2, prompts_per_step=3, group_size=3),
     "a rank with no rows": dict(prompts_per_step=1, group_size=2, minibatches=2, agg="seq-mean-token-sum-norm"),
     "fsdp, kl, micro-batches": dict(fsdp=True, beta=0.04, micro_batch=4, prompts_per_step=3, group_size=3),
+    "ddp, grad checkpointing": dict(grad_checkpointing=True, micro_batch=4, prompts_per_step=3, group_size=3),
+    "fsdp, grad checkpointing": dict(fsdp=True, grad_checkpointing=True, micro_batch=4, prompts_per_step=3,
+                                     group_size=3),
 }
 
 
