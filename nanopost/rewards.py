@@ -7,8 +7,9 @@ fast on adversarial input (megabyte strings, unbalanced tags, huge numbers): pat
     accuracy_reward(completion, answer)  {0, 1}   the extracted answer equals the gold answer
     format_reward(completion)            {0, 1}   <think>reasoning</think> <answer>answer</answer>, nothing
                                          [0, 1]   else (partial=True: steps of 0.25)
-    thinking_reward(completion, ...)     [0, 1]   reasoning that is actually there: length in tokens,
-                                                  no repetition, not the question or the answer again
+    thinking_reward(completion, ...)     [0, 1]   reasoning that is really work: true, grounded, distinct
+                                                  steps ending at the answer (free text: distinct content
+                                                  words, no filler, repetition or copied question/answer)
     arithmetic_step_score(text, answer)  [0, 1]   share of true equations in the reasoning (None: none)
     countdown_reward(...)                {0, 1}   Countdown expression (safe_math, re-exported here)
 
@@ -33,10 +34,11 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections import Counter
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 
-from nanopost.safe_math import countdown_reward, evaluate, normalize_operators, safe_eval
+from nanopost.safe_math import applies_identity, countdown_reward, evaluate, normalize_operators, safe_eval
 
 __all__ = [
     "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward",
@@ -295,33 +297,55 @@ _MARKERS = re.compile(
     r"|lastly|so|therefore|thus|hence|now|also|okay|ok|hmm+|wait|let['’]?s[ \t]+think(?:[ \t]+step"
     r"[ \t]+by[ \t]+step)?|in[ \t]+conclusion|to[ \t]+summarize)\b[ \t]*[:,.]?",
     re.IGNORECASE | re.MULTILINE)
+# Words that pad text without carrying content: removed before free-text reasoning is counted.
+_FILLER = re.compile(
+    r"\b(?:um+|uh+|er+|hm+|well|like|basically|actually|really|very|just|clearly|obviously|simply"
+    r"|carefully|careful|indeed|definitely|certainly|surely|quite|think|thinking|thought|consider"
+    r"|let|me|us|we|i|you|need|must|should|will|can|be|is|are|was|am|it|this|that|the|a|an|of|to"
+    r"|and|or|about|here|again|more|some|all|answer|question|problem|solve|solution)\b",
+    re.IGNORECASE)
+_NO_LETTERS = re.compile(r"(?<!\S)(?:(?=\S)[\W\d_])+(?!\S)")  # words without a letter: numbers, symbols
 _CHARS_PER_TOKEN_LIMIT = 32  # reasoning longer than this many characters per allowed token is over-long
+_MAX_QUESTION_CHARS = 4_000  # only the start of a question is read; real questions are shorter
 _PUNCTUATION = "\"'`.,;:!?()[]{}"
 
 
-def thinking_reward(completion: str, *, question: str | None = None,
-                    tokenize: Callable[[str], Sequence[Any]] | None = None, min_tokens: int = 32,
+def thinking_reward(completion: str, *, question: str | None = None, steps: str | Sequence[str] | None = None,
+                    tokenize: Callable[[str], Sequence[Any]] | None = None, min_tokens: int = 16,
                     max_tokens: int = 1024, overlong_tokens: int | None = None, ngram: int = 3,
                     arithmetic_weight: float = 0.0, think_tags: tuple[str, str] = THINK_TAGS,
                     answer_tags: tuple[str, str] = ANSWER_TAGS,
                     prompt_opens_think: bool = False) -> float:
-    """How much real reasoning the think block holds, in [0, 1].
+    """How much real, grounded reasoning the think block holds, in [0, 1].
 
-    The reasoning is the content of the one think block (none, several or unclosed: 0). Marker words
-    and list bullets are removed first, then it is tokenized (`tokenize`, default whitespace split;
-    pass a tokenizer's encode to count model tokens) and scored
+    The reasoning is the content of the one think block (none, several or unclosed: 0). It is scored
+    by its equations when it has any (arithmetic), else as free text; either way times `overlong`
+    (1 up to max_tokens tokens, falling linearly to 0 over the next `overlong_tokens`, default
+    max_tokens; tokens as given by `tokenize`, default whitespace split) and times (1 - share of its
+    word n-grams and of its steps copied after the think block, e.g. into the answer).
 
-        quality * overlong * ((1 - w) * ramp + w * arithmetic)
+    Arithmetic. Each distinct equation is a step (safe_math, never eval). A step pays when it is
+    true, grounded (every number it starts from is a number of `question`, digits or a number word
+    like "half" or "dozen", or the result of an earlier step, each used at most as often as it is
+    available) and not a no-op (x + 0, x * 1, x - 0, x / 1, unless that 0 or 1 is given or reached;
+    "x = x"; "3 + 8 = 8 + 3", which arrives at no number). Repeating a step adds nothing, and no
+    count of steps pays: the score is
 
-    ramp         n / min_tokens, clamped to 1: pays for reasoning up to the window, never beyond
-    overlong     1 up to max_tokens, falling linearly to 0 over the next `overlong_tokens` (default
-                 max_tokens); so the score never increases past the window
-    quality      distinct / total n-grams (repetition)  *  (1 - share of n-grams found in `question`)
-                 *  (1 - share found after the think block, i.e. copied into the answer)
-    arithmetic   arithmetic_step_score(reasoning, final answer), 0 when it has no equations; w is
-                 `arithmetic_weight` (use it for arithmetic tasks, anneal it with anneal_weight)
+        paid / steps  *  (0.25 + 0.75 * ends)  *  coverage
 
-    Without `question` a restated question cannot be recognised.
+    ends      the final answer is the result of the last paid step
+    coverage  share of the question's numbers in digits that the paid steps use or reach (stopping
+              half-way does not pay: "4 * 2 = 8" with answer 8 covers 2 of 3); with `steps`
+              (the task's own solution, "37 + 48 = 85\\n85 - 19 = 66" or a list of equations), share
+              of those steps' results that the paid steps reach
+    So `4 * 2 = 8`, `3 + 8 = 11` for "3 + 4 * 2" with answer 11 scores 1.0. Without `question`,
+    grounding cannot be checked and every number counts as given.
+
+    Free text (no equations). Counts distinct content tokens after removing marker words, filler
+    words and anything without a letter (numbers, counting, symbols): their number over
+    `min_tokens`, clamped to 1, times (distinct / total n-grams) for repetition, times (1 - share of
+    n-grams found in `question`). With `arithmetic_weight` w, free text pays at most 1 - w (use w = 1
+    for tasks whose reasoning should be arithmetic).
     """
     if not isinstance(completion, str) or min_tokens < 1 or max_tokens < min_tokens:
         return 0.0
@@ -337,25 +361,100 @@ def thinking_reward(completion: str, *, question: str | None = None,
     n = len(tokens)
     if n == 0 or n >= limit:
         return 0.0
-    ramp = min(1.0, n / min_tokens)
     overlong = min(1.0, (limit - n) / overlong_tokens)
+    after = text[think[3]:think[3] + _CHARS_PER_TOKEN_LIMIT * limit]
+    # Words copied after the reasoning (into the answer) are not reasoning. Only words count: a
+    # Countdown answer "4 + 4 + 8" may well repeat the numbers of the steps.
+    # Looked for in a window twice the reasoning's length: a copy fits there, and it keeps this fast.
+    near = after[:2 * len(reasoning) + 1_000]
+    words = tokenize(_content(reasoning))
+    copied = _content(near.replace(answer_tags[0], " ").replace(answer_tags[1], " "))
+    not_copied = 1.0 - _share_in(_ngrams(words, ngram), tokenize(copied)) if len(words) else 1.0
+    if isinstance(question, str):
+        question = question[:_MAX_QUESTION_CHARS]
 
+    chain = _parse_steps(reasoning)
+    if chain:
+        final = extract_answer(after, answer_tags=answer_tags)
+        # Steps written again after the reasoning (into the answer) are copies, not work.
+        again = {_step_key(step) for step in _equations(near)}
+        not_copied *= 1.0 - sum(_step_key(step) in again for step in chain) / len(chain)
+        score = _grounded_score(chain, final, question, steps)
+    else:
+        score = (1.0 - min(1.0, max(0.0, float(arithmetic_weight)))) * _text_score(
+            reasoning, question, tokenize, min_tokens, ngram)
+    return _unit(overlong * not_copied * score)
+
+
+def _content(text: str) -> str:
+    """`text` without marker words, filler words and words that hold no letter."""
+    return _NO_LETTERS.sub(" ", _FILLER.sub(" ", _MARKERS.sub(" ", text)))
+
+
+def _text_score(reasoning: str, question: str | None, tokenize: Callable[[str], Sequence[Any]],
+                min_tokens: int, ngram: int) -> float:
+    """Free-text reasoning: distinct content tokens up to min_tokens, less repetition and restating."""
+    tokens = tokenize(_content(reasoning))
+    if not len(tokens):
+        return 0.0
+    keys = {t.lower().strip(_PUNCTUATION) if isinstance(t, str) else t for t in tokens}
+    ramp = min(1.0, len(keys - {""}) / min_tokens)
     grams = _ngrams(tokens, ngram)
     quality = len(set(grams)) / len(grams)
-    # The question and the text after the reasoning lose their markers too, so n-grams line up.
-    if isinstance(question, str):
-        question = _MARKERS.sub(" ", question[:_CHARS_PER_TOKEN_LIMIT * limit])
-        quality *= 1.0 - _share_in(grams, tokenize(question))
-    after = text[think[3]:think[3] + _CHARS_PER_TOKEN_LIMIT * limit]
-    copied = _MARKERS.sub(" ", after.replace(answer_tags[0], " ").replace(answer_tags[1], " "))
-    quality *= 1.0 - _share_in(grams, tokenize(copied))
+    if question is not None:
+        quality *= 1.0 - _share_in(grams, tokenize(_content(question)))
+    return ramp * quality
 
-    w = min(1.0, max(0.0, float(arithmetic_weight)))
-    arithmetic = 0.0
-    if w > 0:
-        final = extract_answer(after, answer_tags=answer_tags)
-        arithmetic = arithmetic_step_score(reasoning, final) or 0.0
-    return _unit(quality * overlong * ((1.0 - w) * ramp + w * arithmetic))
+
+# A number in a question: "1,000", "3.5", "48"; number words count too ("half as many": 2).
+_QUESTION_NUMBER = re.compile(r"(?<![\d.])\d{1,32}(?:,\d{3})*(?:\.\d+)?")
+_NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+                 "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "twenty": 20, "hundred": 100,
+                 "thousand": 1000, "half": 2, "twice": 2, "double": 2, "doubles": 2, "third": 3,
+                 "triple": 3, "thrice": 3, "quarter": 4, "dozen": 12, "percent": 100, "%": 100}
+_WORD = re.compile(r"[a-zA-Z]+|%")
+
+
+def _question_numbers(question: str) -> tuple[Counter, Counter]:
+    """(numbers a step may start from, the numbers written in digits, which a solution should use)."""
+    question = question[:_MAX_QUESTION_CHARS]
+    written = Counter(m.group().replace(",", "") for m in _QUESTION_NUMBER.finditer(question))
+    digits = Counter({Fraction(text): count for text, count in written.items()})
+    words = Counter(_NUMBER_WORDS[w] for w in map(str.lower, _WORD.findall(question)) if w in _NUMBER_WORDS)
+    return digits + Counter({Fraction(value): count for value, count in words.items()}), digits
+
+
+def _grounded_score(chain: list[tuple], final: str | None, question: str | None,
+                    steps: str | Sequence[str] | None) -> float:
+    """The arithmetic score of thinking_reward (see its docstring) for the parsed steps."""
+    given, written = _question_numbers(question) if question is not None else (None, None)
+    results: Counter = Counter()
+    used: set = set()
+    paid_last = None
+    paid = 0
+    for ok, operands, result, no_op, source, repeated in chain:
+        need = Counter(abs(v) for v in operands)
+        grounded = given is None or all(need[v] <= given[v] + results[v] for v in need)
+        # x + 0 is no work, unless the 0 is given or was reached ("Compute 4 - 0 + 7", "7 - 7 = 0").
+        if ok and grounded and not no_op and not applies_identity(source, [*(given or ()), *results]):
+            # A repeated step pays nothing again, but its result is there twice ("8 - 2 = 6" twice,
+            # then "6 + 6 = 12").
+            paid += not repeated
+            paid_last = result
+            used.update(need)
+            used.add(abs(result))
+            results[abs(result)] += 1
+    answer = None if final is None else parse_number(final)
+    if answer is None and final is not None:
+        answer = safe_eval(final)
+    ends = answer is not None and paid_last is not None and answer == paid_last
+    if steps is not None:
+        reference = _parse_steps(steps if isinstance(steps, str) else "\n".join(map(str, steps)))
+        wanted = {abs(step[2]) for step in reference}
+    else:
+        wanted = set(written) if written else set()
+    coverage = len(wanted & used) / len(wanted) if wanted else 1.0
+    return paid / sum(not step[-1] for step in chain) * (0.25 + 0.75 * ends) * coverage
 
 
 def _ngrams(tokens: Sequence[Any], n: int) -> list[tuple]:
@@ -396,26 +495,48 @@ def arithmetic_step_score(text: str, final_answer: str | None = None) -> float |
     """
     if not isinstance(text, str):
         return None
-    text = normalize_operators(text[-_MAX_SCAN_CHARS:])
-    clauses = [clause for run in _EQUATION_RUN.findall(text) if "=" in run
-               for clause in _CLAUSE_BREAK.split(run) if "=" in clause]
-    steps = []  # (true?, value of the last side)
-    for clause in clauses[-_MAX_EQUATIONS:]:
-        step = _check_equation(clause) if len(clause) <= _MAX_EQUATION_CHARS else None
-        if step is not None:
-            steps.append(step)
+    steps = _equations(text)
     if not steps:
         return None
-    share = sum(ok for ok, _ in steps) / len(steps)
+    share = sum(step[0] for step in steps) / len(steps)
     if final_answer is None:
         return share
     answer = parse_number(final_answer)
     if answer is None:
         answer = safe_eval(final_answer)
-    return 0.5 * share + 0.5 * (answer is not None and answer == steps[-1][1])
+    return 0.5 * share + 0.5 * (answer is not None and answer == steps[-1][2])
 
 
-def _check_equation(clause: str) -> tuple[bool, Fraction] | None:
+def _equations(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, str]]:
+    """(true?, numbers the step starts from, value of its last side, arrives at no number?, the
+    expression it starts from) for each equation."""
+    text = normalize_operators(text[-_MAX_SCAN_CHARS:])
+    clauses = [clause for run in _EQUATION_RUN.findall(text) if "=" in run
+               for clause in _CLAUSE_BREAK.split(run) if "=" in clause]
+    steps = []
+    for clause in clauses[-_MAX_EQUATIONS:]:
+        step = _check_equation(clause) if len(clause) <= _MAX_EQUATION_CHARS else None
+        if step is not None:
+            steps.append(step)
+    return steps
+
+
+def _parse_steps(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, str, bool]]:
+    """The equations of `text`, each with a last field that is True where it repeats an earlier one."""
+    seen, steps = set(), []
+    for step in _equations(text):
+        key = _step_key(step)
+        steps.append((*step, key in seen))
+        seen.add(key)
+    return steps
+
+
+def _step_key(step: tuple) -> tuple:
+    """What makes two steps the same: true or not, the expression (spacing aside), the result."""
+    return step[0], "".join(step[4].split()), step[2]
+
+
+def _check_equation(clause: str) -> tuple[bool, list[Fraction], Fraction, bool, str] | None:
     sides = [s.strip() for s in _THOUSANDS.sub("", clause.replace("$", "")).split("=")]
     while sides and not sides[0]:   # "x = 3 + 4 = 7" leaves an empty first side
         sides.pop(0)
@@ -424,22 +545,27 @@ def _check_equation(clause: str) -> tuple[bool, Fraction] | None:
     if len(sides) < 2 or any(not s for s in sides):
         return None
     parsed = [_edge(sides[0], from_left=True)]
-    parsed += [evaluate(s) for s in sides[1:-1]]
+    parsed += [(*r, s) if (r := evaluate(s)) is not None else None for s in sides[1:-1]]
     parsed.append(_edge(sides[-1].rstrip("."), from_left=False))
-    if any(p is None for p in parsed) or all(len(literals) == 1 for _, literals in parsed):
+    if any(p is None for p in parsed) or all(len(literals) == 1 for _, literals, _ in parsed):
         return None
-    values = [value for value, _ in parsed]
-    return all(v == values[0] for v in values), values[-1]
+    values = [value for value, _, _ in parsed]
+    # The work starts from the first side that computes something; later sides rewrite it, and the
+    # last side is the number it arrives at. "3 + 8 = 8 + 3" or "11 = 8 + 3" arrive at no new number,
+    # and "12 + 0 = 12" changes nothing: no-ops, never paid.
+    _, operands, source = next(p for p in parsed if len(p[1]) > 1)
+    no_op = len(parsed[-1][1]) != 1 or len(parsed[0][1]) == 1
+    return all(v == values[0] for v in values), operands, values[-1], no_op, source
 
 
-def _edge(side: str, *, from_left: bool) -> tuple[Fraction, list[Fraction]] | None:
+def _edge(side: str, *, from_left: bool) -> tuple[Fraction, list[Fraction], str] | None:
     """Evaluate an outer side of an equation, dropping up to a few stray words at its far end."""
     words = side.split()
     for k in range(min(len(words), 4)):
-        kept = words[k:] if from_left else words[:len(words) - k]
-        result = evaluate(" ".join(kept))
+        kept = " ".join(words[k:] if from_left else words[:len(words) - k])
+        result = evaluate(kept)
         if result is not None:
-            return result
+            return (*result, kept)
     return None
 
 
@@ -468,7 +594,8 @@ def sample_reward(name: str, **options: Any) -> RewardFn:
 
     "accuracy"  sample["answer"]                       None when the sample has no answer
     "format"    -
-    "thinking"  sample["question"] (or a str "prompt") for the restatement check
+    "thinking"  sample["question"] (or a str "prompt"): the numbers steps may start from;
+                option reference_steps=True: coverage of sample["reasoning"], the task's solution
     "countdown" sample["numbers"], sample["target"]    None when either is missing
     """
     if name == "accuracy":
@@ -482,10 +609,15 @@ def sample_reward(name: str, **options: Any) -> RewardFn:
         def reward(completion: str, sample: Mapping[str, Any]) -> float | None:
             return format_reward(completion, **options)
     elif name == "thinking":
+        # reference_steps=True checks coverage of the task's own solution steps, sample["reasoning"]
+        # (arithmetic: the one left-to-right chain; not for Countdown, whose puzzles have many).
+        reference = options.pop("reference_steps", False)
+
         def reward(completion: str, sample: Mapping[str, Any]) -> float | None:
             question = sample.get("question", sample.get("prompt"))
+            steps = sample.get("reasoning") if reference else None
             return thinking_reward(completion, question=question if isinstance(question, str) else None,
-                                   **options)
+                                   steps=steps if isinstance(steps, str) else None, **options)
     elif name == "countdown":
         def reward(completion: str, sample: Mapping[str, Any]) -> float | None:
             if sample.get("numbers") is None or sample.get("target") is None:

@@ -88,6 +88,34 @@ def evaluate(expr: str, *, max_chars: int = MAX_CHARS, max_depth: int = MAX_DEPT
         return None
 
 
+def applies_identity(expr: str, given: Iterable[Fraction] = ()) -> bool:
+    """True if a valid expression contains a step that changes nothing: x + 0, 0 + x, x - 0, x * 1,
+    1 * x, x / 1 or -(-x). Such a step is not work (a reward must not pay for writing one), unless
+    the 0 or 1 is one of the `given` numbers, which a problem may ask to use ("Compute 4 - 0 + 7")."""
+    given = set(given)
+    if evaluate(expr) is None:   # bounds and grammar first; parsing below is then cheap and safe
+        return False
+    expr = normalize_operators(expr).strip()
+    tree = ast.parse(expr, mode="eval")
+
+    def literal(node: ast.AST) -> Fraction | None:
+        if isinstance(node, ast.Constant):
+            value = Fraction(expr[node.col_offset:node.end_col_offset])
+            return None if value in given else value
+        return None
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp):
+            left, right = literal(node.left), literal(node.right)
+            if isinstance(node.op, (ast.Add, ast.Sub)) and right == 0 or isinstance(node.op, ast.Add) and left == 0:
+                return True
+            if isinstance(node.op, (ast.Mult, ast.Div)) and right == 1 or isinstance(node.op, ast.Mult) and left == 1:
+                return True
+        if isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.UnaryOp):
+            return True
+    return False
+
+
 def safe_eval(expr: str) -> Fraction | None:
     """Exact value of an arithmetic expression (grammar in the module docstring), or None."""
     result = evaluate(expr)

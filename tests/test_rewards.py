@@ -280,9 +280,10 @@ def test_thinking_reward_arithmetic_part_prefers_correct_steps():
     right = "<think>" + REASONING + "</think><answer>72</answer>"
     wrong = "<think>" + REASONING.replace("48 + 24 = 72", "48 + 24 = 70") + "</think><answer>72</answer>"
     none = "<think>" + " ".join(f"w{i}" for i in range(60)) + "</think><answer>72</answer>"
-    scores = [thinking_reward(t, arithmetic_weight=0.5) for t in (right, wrong, none)]
-    assert scores[0] > scores[1] > scores[2]
-    assert scores[2] == pytest.approx(0.5)        # no equations: the arithmetic half pays nothing
+    scores = [thinking_reward(t, question=QUESTION, arithmetic_weight=0.5) for t in (right, wrong, none)]
+    assert scores[0] == 1.0 and scores[0] > scores[1]
+    assert scores[2] == pytest.approx(0.5)        # no equations: free text pays at most 1 - w
+    assert thinking_reward(none, arithmetic_weight=1.0) == 0.0
 
 
 # ------------------------------------------------------------------------------ arithmetic steps

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from nanopost.safe_math import countdown_reward, evaluate, normalize_operators, safe_eval
+from nanopost.safe_math import applies_identity, countdown_reward, evaluate, normalize_operators, safe_eval
 
 
 @pytest.mark.parametrize("expr, value", [
@@ -171,3 +171,14 @@ def test_countdown_accepts_numbers_and_target_as_strings_or_floats():
     assert countdown_reward("<answer>2 + 3</answer>", [2.0, 3.0], 5.0) == 1.0
     assert countdown_reward("<answer>2 + 3</answer>", [2, 3], float("nan")) == 0.0
     assert countdown_reward("<answer>2 + 3</answer>", [2, 3], "9**9**9") == 0.0
+
+
+@pytest.mark.parametrize("expr, given, expected", [
+    ("12 + 0", (), True), ("0 + 12", (), True), ("12 - 0", (), True), ("12 * 1", (), True),
+    ("1 * 12", (), True), ("12 / 1", (), True), ("-(-12)", (), True), ("(3 + 0) * 2", (), True),
+    ("4 - 2", (), False), ("3 + 4 * 2", (), False), ("5 * 0", (), False), ("0 - 5", (), False),
+    ("4 - 0", (0,), False), ("8 * 1", (1,), False),       # the problem gave the 0 or the 1
+    ("2**3", (), False), ("a + 0", (), False),             # not an expression at all
+])
+def test_applies_identity_finds_steps_that_change_nothing(expr, given, expected):
+    assert applies_identity(expr, [Fraction(g) for g in given]) is expected
