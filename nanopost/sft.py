@@ -37,10 +37,11 @@ from .data import (Batch, Example, check_prompts_fit, fit_examples, load_sft, lo
                    tokenize_chat, tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
 from .metrics import MetricsLogger, Progress, read_metrics
-from .monitor import LiveMonitor, check_stop_on, stop_if_diverged
+from .monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
 from .run_summary import summary_lines
 from .model import Transformer
 from .rewards import extract_answer
+from .run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
 from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options
 from .schedules import lr_at, set_lr
@@ -82,14 +83,10 @@ class SFTConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     fsdp: bool = field(default=False, metadata={"help": distributed.FSDP_HELP})
     grad_checkpointing: bool = field(default=False, metadata={"help": GRAD_CHECKPOINTING_HELP})
-    stop_on: list[str] = field(default_factory=list, metadata={
-        "help": "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue the run in --out from its latest checkpoint (its options must match; see --resume-override)"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "start afresh in an --out that holds a run, removing its metrics.jsonl, checkpoints/ and config"})
-    resume_override: list[str] = field(default_factory=list, metadata={
-        "help": "options --resume may change although they change what the run means, e.g. lr,train"})
+    stop_on: list[str] = field(default_factory=list, metadata={"help": STOP_ON_HELP})
+    resume: bool = field(default=False, metadata={"help": RESUME_HELP})
+    overwrite: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
+    resume_override: list[str] = field(default_factory=list, metadata={"help": RESUME_OVERRIDE_HELP})
 
     def validate(self) -> None:
         check_stop_on(self.stop_on)  # at parse time, before any model is loaded
