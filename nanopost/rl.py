@@ -68,7 +68,7 @@ from .generate import generate, shared_prefix
 from .grpo import group_advantages, policy_loss, token_logprobs, token_logprobs_and_entropy
 from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
-from .run_summary import summary_lines
+from .run_summary import stop_tokens_line, summary_lines
 from .model import Transformer
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
@@ -746,7 +746,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     device = dist.device
 
     tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
-    log(f"stop tokens: {', '.join(tokenizer.id_to_token(i) for i in tokenizer.stop_token_ids)}")
+    log(stop_tokens_line(tokenizer))
     template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
     # The data is read and checked before the model is loaded, so a bad line costs no time.
     records = load_rl(cfg.train)

@@ -260,8 +260,10 @@ def save_checkpoint(
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         # transformers and vLLM stop where this run's sampler stops: on every end token.
-        stops = tokenizer.stop_token_ids if tokenizer is not None else []
-        generation = {**tokenizer.generation_config, "eos_token_id": stops if len(stops) > 1 else stops[0]} if stops else {}
+        generation = {}
+        if tokenizer is not None:
+            stops = tokenizer.stop_token_ids
+            generation = {**tokenizer.generation_config, "eos_token_id": stops if len(stops) > 1 else stops[0]}
         save_model(model, tmp, dtype=dtype, generation_config=generation)
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -1,5 +1,6 @@
 """What a training run is about to do, printed once before its first step:
 
+    stop tokens: <|im_end|>, <|endoftext|>
     run: runs/grpo (new)
     data: 70 prompts (1,512 prompt tokens), 30 held-out; 100 steps to run, 8 prompts x 8 samples each
     model: 1,234,560 parameters (1,234,560 trainable), cuda:0, bf16 autocast (fp32 weights)
@@ -26,6 +27,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def precision_name(device: torch.device, precision: str) -> str:
     """What `--precision` resolves to on `device` (runtime.autocast decides)."""
     return "bf16 autocast (fp32 weights)" if isinstance(autocast(device, precision), torch.autocast) else "fp32"
+
+
+def stop_tokens_line(tokenizer) -> str:
+    """The tokens sampling stops on. Printed first, as soon as the tokenizer is loaded: finding
+    them recognises the chat template, so a template that cannot be used fails before anything else."""
+    return f"stop tokens: {', '.join(tokenizer.id_to_token(i) for i in tokenizer.stop_token_ids)}"
 
 
 def summary_lines(*, run: str | Path, resume_from: Path | None, step: int, data: str,

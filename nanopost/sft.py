@@ -38,7 +38,7 @@ from .data import (Batch, Example, check_prompts_fit, fit_examples, load_sft, lo
 from .eval import EvalItem, evaluate
 from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
-from .run_summary import summary_lines
+from .run_summary import stop_tokens_line, summary_lines
 from .model import Transformer
 from .rewards import extract_answer
 from .run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
@@ -194,8 +194,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     device = dist.device
 
     tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
-    stops = tokenizer.stop_token_ids  # what evaluation stops on, and the saved checkpoints declare
-    log(f"stop tokens: {', '.join(tokenizer.id_to_token(i) for i in stops)}")
+    log(stop_tokens_line(tokenizer))  # what evaluation stops on, and the saved checkpoints declare
     # What must fit the model's context is checked before the model is loaded: packed rows, and the
     # held-out prompts with the tokens generated after them (they would fail at the first eval).
     context = load_config(cfg.model).max_position_embeddings
