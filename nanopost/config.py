@@ -53,6 +53,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib  # type: ignore[no-redef]
 
+from .files import write_atomic
+
 T = TypeVar("T")
 
 NONE_WORDS = ("none", "null")
@@ -527,9 +529,20 @@ def main_guard(main: Callable[[], T]) -> T:
         raise SystemExit(2) from None
     finally:
         if rank is not None:
-            from .distributed import shutdown
+            _leave_process_group(clean=sys.exc_info()[0] is None)
 
-            shutdown(clean=sys.exc_info()[0] is None)
+
+def _leave_process_group(clean: bool) -> None:
+    """Leave the torchrun process group `distributed.setup` joined. After a normal end (clean) ranks
+    first wait for each other: a peer that closes its connections early can abort one still
+    finishing its last collective. After an error there is no waiting, since the other ranks may
+    never arrive. (Here rather than in distributed.py, which builds on this module.)"""
+    import torch.distributed as dist  # only under torchrun: parsing options never loads torch
+
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -557,8 +570,6 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     `path` ending in .json or .toml names that one file. Anything else is the run directory, which
     gets both config.json (read back by `load_config_file`) and config.toml (usable as --config).
     """
-    from .checkpoint import write_atomic  # lazily: the model stack is not needed to parse options
-
     path = Path(path)
     data = config_to_dict(cfg)
     as_json = json.dumps(data, indent=2) + "\n"

@@ -60,7 +60,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import torch
 
-from .checkpoint import write_atomic
+from .files import read_json, write_atomic
 from .generate import generate
 from .metrics import read_metrics
 from .model import Transformer
@@ -190,9 +190,7 @@ def save_pass_rates(path: str | os.PathLike, rates: Mapping[str, float]) -> Path
 
 def load_pass_rates(path: str | os.PathLike) -> dict[str, float]:
     """{id: pass rate} from `save_pass_rates`; every value checked to be in [0, 1]."""
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of id -> pass rate")
+    data = read_json(Path(path))
     for key, value in data.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"{path}: pass rate of {key!r} must be a number in [0, 1], got {value!r}")

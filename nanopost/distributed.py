@@ -4,13 +4,22 @@
     torchrun --nnodes 2 --node_rank R --rdzv-endpoint HOST:29500 --nproc_per_node 8 scripts/grpo.py ...
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `setup` joins the process group (NCCL when the
-process has a GPU, gloo on the CPU). Run without torchrun, everything here is a single process
-and every collective is a no-op, so the training loops have one code path.
+process has a GPU, gloo on the CPU); the script's `config.main_guard` leaves it at the end. Run
+without torchrun, everything here is a single process and every collective is a no-op, so the
+training loops have one code path.
 
 The contract the loops keep: N processes compute the update that one process would compute on
 the same global batch. Losses are normalised by global counts (tokens or sequences of the whole
 step, over all ranks); DDP then averages gradients over ranks, so each rank's loss is multiplied
-by the world size to turn that average back into the sum the global normaliser expects.
+by the world size to turn that average back into the sum the global normaliser expects. The tests
+check 2 gloo processes against 1 process on the same global batch.
+
+Rank 0 alone logs and writes checkpoints; a checkpoint holds the whole model and optimizer state
+keyed by parameter name, so a run resumes on another number of processes, with or without FSDP2.
+A rank that fails ends the job: torchrun stops the others and names the rank. FSDP2 (`--fsdp`,
+torch >= 2.6) shards each block and the rest of the model; sampling and evaluation gather the
+weights (not the optimizer state) for their duration, since ranks generate different numbers of
+tokens. GRPO's frozen reference model (`--beta > 0`) is a whole copy on each rank.
 """
 
 from __future__ import annotations
@@ -115,16 +124,6 @@ def setup(device: str = "auto") -> Dist:
         # and stops them, the timeout is only the last resort when a peer hangs without exiting.
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return Dist(rank=rank, world=world, local_rank=local_rank, device=chosen)
-
-
-def shutdown(clean: bool = True) -> None:
-    """Leave the process group. After a normal end (clean) ranks first wait for each other: a
-    peer that closes its connections early can abort one still finishing its last collective.
-    After an error there is no waiting, since the other ranks may never arrive."""
-    if dist.is_initialized():
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 def shard(n: int, d: Dist, rank: int | None = None) -> range:

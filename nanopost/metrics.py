@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import write_atomic
+from .files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}

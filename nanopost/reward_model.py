@@ -44,8 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, read_json, read_tensors, weight_files, write_atomic
+from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, read_tensors, weight_files
 from .data import DataError, _is_number, _json_type, read_jsonl, tokenize_chat
+from .files import read_json, write_atomic
 from .model import ModelConfig, Transformer
 from .runtime import autocast, make_optimizer
 from .schedules import lr_at, set_lr

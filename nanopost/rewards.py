@@ -11,7 +11,7 @@ fast on adversarial input (megabyte strings, unbalanced tags, huge numbers): pat
                                                   steps ending at the answer (free text: distinct content
                                                   words, no filler, repetition or copied question/answer)
     arithmetic_step_score(text, answer)  [0, 1]   share of true equations in the reasoning (None: none)
-    countdown_reward(...)                {0, 1}   Countdown expression (safe_math, re-exported here)
+    countdown_reward(completion, ...)    {0, 1}   the answer reaches the Countdown target (safe_math)
 
 Answer extraction, in priority order (the first kind found anywhere wins; within a kind the LAST
 occurrence wins, because models revise themselves):
@@ -38,7 +38,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 
-from nanopost.safe_math import applies_identity, countdown_reward, evaluate, normalize_operators, safe_eval
+from nanopost.safe_math import applies_identity, evaluate, normalize_operators, reaches_target, safe_eval
 
 __all__ = [
     "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward",
@@ -242,6 +242,19 @@ def answers_match(pred: str | None, gold: str | int | float | None) -> bool:
 def accuracy_reward(completion: str, answer: str | int | float) -> float:
     """1.0 if the answer extracted from `completion` matches `answer` (see answers_match), else 0.0."""
     return 1.0 if answers_match(extract_answer(completion), answer) else 0.0
+
+
+def countdown_reward(completion: str, numbers: Sequence[int | float | str], target: int | float | str,
+                     *, use_all: bool = True) -> float:
+    """1.0 if the completion's answer is an expression over `numbers` that equals `target`, else 0.0.
+
+    The answer is `extract_answer(completion)` (so `<answer>(44 - 19) * 35 / 5</answer>`), checked by
+    `safe_math.reaches_target`: each number used at most once, every one of them with `use_all=True`
+    (the default), and a trailing "= value" must be right too. Formatting is scored separately
+    (format_reward); this reward is correctness only.
+    """
+    answer = extract_answer(completion) if isinstance(completion, str) else None
+    return 1.0 if answer is not None and reaches_target(answer, numbers, target, use_all=use_all) else 0.0
 
 
 # ------------------------------------------------------------------------------------------- format

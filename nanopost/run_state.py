@@ -54,8 +54,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 
 from . import distributed
-from .checkpoint import load_model, save_model, write_atomic
+from .checkpoint import load_model, save_model
 from .config import save_config
+from .files import write_atomic
 from .model import Transformer
 from .run_dir import check_resume_config, check_writable, clear_run, describe_run, refuse_if_held
 from .runtime import make_optimizer, seed_everything

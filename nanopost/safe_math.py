@@ -1,4 +1,4 @@
-"""Safe arithmetic on model-written text, and the Countdown reward built on it.
+"""Safe arithmetic on model-written text, and the Countdown check built on it.
 
 Model output is never passed to `eval`. An expression is parsed with `ast` (mode="eval") and walked
 by a small interpreter that knows only:
@@ -12,9 +12,9 @@ expression can hang or exhaust memory: without powers the value of a 256-charact
 most a few hundred digits. Arithmetic is exact (`fractions.Fraction`): 1/3 * 3 == 1, and 0.1 + 0.2 ==
 0.3 because decimal literals are read as exact decimals, not floats. Division by zero gives None.
 
-`countdown_reward(completion, numbers, target)` is 1.0 when the extracted answer is an expression
-that uses each given number exactly once (or at most once with `use_all=False`) and equals the target,
-else 0.0.
+`reaches_target(expression, numbers, target)` is True when the expression uses each given number
+exactly once (or at most once with `use_all=False`) and equals the target. This module imports
+nothing from the package: `rewards.countdown_reward` builds the reward on it, not the other way round.
 """
 
 from __future__ import annotations
@@ -122,39 +122,34 @@ def safe_eval(expr: str) -> Fraction | None:
     return None if result is None else result[0]
 
 
-def countdown_reward(completion: str, numbers: Iterable[int | float | str], target: int | float | str,
-                     *, use_all: bool = True) -> float:
-    """1.0 if the completion's answer is an expression over `numbers` that equals `target`, else 0.0.
+def reaches_target(expression: str, numbers: Iterable[int | float | str], target: int | float | str,
+                   *, use_all: bool = True) -> bool:
+    """True if `expression` is an arithmetic expression over `numbers` whose value is `target`.
 
-    The answer is `rewards.extract_answer(completion)` (so `<answer>(44 - 19) * 35 / 5</answer>`).
     A trailing "= value" is allowed, but that value must equal the expression too. Each given number
     may be used at most once; with `use_all=True` (the default, as in the Countdown-Tasks datasets)
     every number must be used exactly once. Numbers are compared by value, so 3.0 counts as 3.
-    Formatting is scored separately (rewards.format_reward); this reward is correctness only.
+    This is the Countdown check; `rewards.countdown_reward` applies it to a completion's answer.
     """
-    # Imported here because rewards.py builds on this module; a top-level import would be circular.
-    from nanopost.rewards import extract_answer
-
-    answer = extract_answer(completion) if isinstance(completion, str) else None
-    if answer is None:
-        return 0.0
-    expr, equals, claimed = normalize_operators(answer).partition("=")
+    if not isinstance(expression, str):
+        return False
+    expr, equals, claimed = normalize_operators(expression).partition("=")
     result = evaluate(expr)
     if result is None:
-        return 0.0
+        return False
     value, used = result
     if equals and (safe_eval(claimed) != value or "=" in claimed):
-        return 0.0
+        return False
     given = Counter(_number(n) for n in numbers)
     goal = _number(target)
     if goal is None or None in given:
-        return 0.0
+        return False
     used_counts = Counter(used)
     if any(used_counts[n] > given[n] for n in used_counts):
-        return 0.0
+        return False
     if use_all and used_counts != given:
-        return 0.0
-    return 1.0 if value == goal else 0.0
+        return False
+    return value == goal
 
 
 def _number(x: int | float | str) -> Fraction | None:

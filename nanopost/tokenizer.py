@@ -30,6 +30,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nanopost.chat_template import ChatFormat, chat_format_override, detect_chat_format, render_chat
+from nanopost.files import read_json
 
 SPECIAL_TOKEN_FIELDS = ("eos_token", "pad_token", "bos_token")
 GENERATION_CONFIG = "generation_config.json"
@@ -102,13 +103,13 @@ class Tokenizer:
         config_file = path / "tokenizer_config.json"
         config: dict[str, Any] = {}
         if config_file.is_file():
-            config = _read_json(config_file)
+            config = read_json(config_file)
         _check_added_tokens(tok, config.get("added_tokens_decoder", {}), config_file)
 
         specials = {f: _token_content(config.get(f), f, config_file) for f in SPECIAL_TOKEN_FIELDS}
         template, template_source = _find_chat_template(path, config)
         generation_file = path / GENERATION_CONFIG
-        generation = _read_json(generation_file) if generation_file.is_file() else {}
+        generation = read_json(generation_file) if generation_file.is_file() else {}
         saved_format = config.get(CHAT_FORMAT_FIELD)
         if saved_format is not None and not isinstance(saved_format, str):
             raise ValueError(f"{config_file}: {CHAT_FORMAT_FIELD} must be a string, got {saved_format!r}")
@@ -424,17 +425,6 @@ def _generation_eos_ids(generation: Mapping[str, Any], vocab_size: int, source: 
                 f"(0 <= id < {vocab_size}, the tokenizer's size); got {value!r}"
             )
     return values
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _token_content(value: Any, field: str, file: Path) -> str | None:

@@ -1,4 +1,5 @@
-"""safe_math: exact, bounded arithmetic on model text, and the Countdown reward."""
+"""safe_math: exact, bounded arithmetic on model text, the Countdown check, and the Countdown reward
+built on it (rewards.countdown_reward)."""
 
 import random
 import time
@@ -6,7 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from nanopost.safe_math import applies_identity, countdown_reward, evaluate, normalize_operators, safe_eval
+from nanopost.rewards import countdown_reward
+from nanopost.safe_math import applies_identity, evaluate, normalize_operators, reaches_target, safe_eval
 
 
 @pytest.mark.parametrize("expr, value", [
@@ -171,6 +173,16 @@ def test_countdown_accepts_numbers_and_target_as_strings_or_floats():
     assert countdown_reward("<answer>2 + 3</answer>", [2.0, 3.0], 5.0) == 1.0
     assert countdown_reward("<answer>2 + 3</answer>", [2, 3], float("nan")) == 0.0
     assert countdown_reward("<answer>2 + 3</answer>", [2, 3], "9**9**9") == 0.0
+
+
+def test_reaches_target_checks_a_bare_expression_without_extracting_an_answer():
+    assert reaches_target("(44 - 19) * 35 / 5", NUMBERS, 175)
+    assert reaches_target("(44 - 19) * 35 / 5 = 175", NUMBERS, 175)
+    assert not reaches_target("(44 - 19) * 35 / 5 = 170", NUMBERS, 175)   # a false claimed value
+    assert not reaches_target("(44 - 19) * 35", NUMBERS, 875)             # 5 unused
+    assert reaches_target("(44 - 19) * 35", NUMBERS, 875, use_all=False)
+    assert not reaches_target("<answer>(44 - 19) * 35 / 5</answer>", NUMBERS, 175)  # tags are not arithmetic
+    assert not reaches_target(None, NUMBERS, 175)
 
 
 @pytest.mark.parametrize("expr, given, expected", [

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nanopost.data import load_rl
-from nanopost.rewards import arithmetic_step_score, format_reward
-from nanopost.safe_math import countdown_reward, safe_eval
+from nanopost.rewards import arithmetic_step_score, countdown_reward, format_reward
+from nanopost.safe_math import safe_eval
 from nanopost.tasks import ArithmeticTask, CountdownTask, GSM8KTask, get_task, write_jsonl
 from nanopost.tasks.gsm8k import load_gsm8k, parse_solution
 

@@ -10,7 +10,7 @@ numbers, built by combining two of the remaining values at a time, as a player w
 game every intermediate result is a positive integer (no zero, no fractions), and the target is
 at most MAX_TARGET. The reference solution is that construction: one equation per step as the
 reasoning, the whole expression, with only the parentheses it needs, as the answer. Any other
-expression that reaches the target scores as well (safe_math.countdown_reward).
+expression that reaches the target scores as well (rewards.countdown_reward).
 
 Difficulty is a level 1..4: how many numbers, then how large the largest of them is. The level is
 a property of the puzzle, so no puzzle belongs to two levels.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from nanopost.safe_math import countdown_reward
+from nanopost.rewards import countdown_reward
 from nanopost.tasks.base import GeneratedTask
 
 # level -> (how many numbers, the range of the largest one)
