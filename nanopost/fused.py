@@ -2,11 +2,10 @@
 
 Autograd of a composite records every step, saves what each needs and replays them backwards,
 one node, one allocation and one pass over memory per step. For the small tensors of CPU
-training that bookkeeping is a large share of the time: a tiny benchmark model's forward and
-backward still take ~9 ms with every dimension shrunk to 8, against ~100 ms at full size. Each
+training that bookkeeping is a large share of the time, whatever the tensors' sizes. Each
 function here is one autograd node whose backward is the closed form, reusing buffers it no
-longer needs; together they make a tiny SFT step ~7% faster, a small one ~3%, and QKVRopeFn
-(one matmul for q, k and v, one scatter into the documents' grid) ~4% and ~2% more. Each is checked
+longer needs; QKVRopeFn also makes q, k and v one matmul and one scatter into the documents'
+grid (docs/BENCHMARKS.md has what each saved when it was measured). Each is checked
 against autograd of its composite (tests/test_fused.py); the model uses them for fp32 gradients
 outside autocast and the composite otherwise.
 """
@@ -56,7 +55,9 @@ class SwiGLUFn(torch.autograd.Function):
     With g = x Wgᵀ, u = x Wuᵀ, s = silu(g), h = s ⊙ u:
         dh = dy Wd,   du = dh ⊙ s,   dg = silu'(g) ⊙ (dh ⊙ u),
         dWd = dyᵀ h,  dWg = dgᵀ x,   dWu = duᵀ x,   dx = dg Wg + du Wu.
-    The backward writes du, ds and dg over s, dh and g, and adds du Wu into dg Wg in one addmm.
+    Only g and u are kept: s and h are recomputed in the backward, two elementwise passes that
+    spare two [positions × intermediate] tensors per layer for the whole of the backward. The
+    backward writes du, ds and dg over s, dh and g, and adds du Wu into dg Wg in one addmm.
     """
 
     @staticmethod
@@ -64,17 +65,18 @@ class SwiGLUFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         g = torch.mm(x2, w_gate.t())
         u = torch.mm(x2, w_up.t())
-        s = F.silu(g)
-        h = s * u
-        ctx.save_for_backward(x2, w_gate, w_up, w_down, g, u, s, h)
+        ctx.save_for_backward(x2, w_gate, w_up, w_down, g, u)
         ctx.x_shape = x.shape
+        h = F.silu(g).mul_(u)
         return torch.mm(h, w_down.t()).view(*x.shape[:-1], w_down.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
-        x2, w_gate, w_up, w_down, g, u, s, h = ctx.saved_tensors
+        x2, w_gate, w_up, w_down, g, u = ctx.saved_tensors
         need_x, need_gate, need_up, need_down = ctx.needs_input_grad
+        s = F.silu(g)
+        h = s * u
         dy = dy.reshape(-1, dy.shape[-1])
         dw_down = torch.mm(dy.t(), h) if need_down else None
         dh = torch.mm(dy, w_down)

@@ -68,8 +68,10 @@ at least one loss token). Each
 call then returns its share, and the shares *sum* to the full-batch loss. Data-parallel
 wrappers that average gradients over W processes need the loss multiplied by W.
 
-Logprobs for the loss come from `token_logprobs(logits, tokens, temperature)`, with the same
-temperature the sampler used, so the trained distribution is the one that was sampled.
+Logprobs for the loss are `token_logprobs(logits, tokens, temperature)`, with the same
+temperature the sampler used, so the trained distribution is the one that was sampled. The GRPO
+loop gets the same values from the model without materialising the logits
+(`Transformer(..., targets=)`, see nanopost.lm_head).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .fused import QKVRopeFn, RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, fused_ok, rotate_pairs, scores_attention
+from .lm_head import head_logprobs
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -315,7 +316,7 @@ class _Documents:
     def of(cls, segment_ids: torch.Tensor) -> "_Documents | None":
         """The grid of a batch, or None where attention over the batch's own rows, under a
         block-diagonal mask, is less work: a few long documents among many short ones would
-        leave most of a one-per-row grid empty (the demo's pretraining batches ran 35% slower)."""
+        leave most of a one-per-row grid empty, and attention over it would be mostly padding."""
         B, T = segment_ids.shape
         flat = segment_ids.reshape(-1)
         real = (flat >= 0).nonzero().squeeze(1)
@@ -484,12 +485,17 @@ class Transformer(nn.Module):
     block keeps only its input and the backward recomputes its activations: one more block
     forward each, for not storing them. The model has no dropout, so the recomputation gives the
     same values bit for bit, and non-reentrant checkpointing replays the autocast state.
+
+    chunked_head: with `targets=`, forward returns their log-probabilities computed by
+    lm_head.head_logprobs a block of positions at a time, never holding [positions × vocab]
+    logits (True, the default), or through the plain head and log-softmax (False, the reference).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.grad_checkpointing = False
+        self.chunked_head = True
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -669,8 +675,11 @@ class Transformer(nn.Module):
         logits_slice: slice | None = None,
         logits_mask: torch.Tensor | None = None,
         prefix: SharedPrefix | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T].
+        targets: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, vocab] for token ids [B, T]; with `targets`, their log-probabilities.
 
         positions      : [B, T] RoPE positions; default counts real tokens (per row) or 0..T-1.
         attention_mask : [B, T] 1 for real tokens, 0 for padding; padding is never attended.
@@ -683,6 +692,10 @@ class Transformer(nn.Module):
                          (a loss on the replies alone needs no logits for the prompts).
         prefix         : rows continue these shared prompts (nothing else may be given with it);
                          the logits are then [N, 1 + T, vocab], the first being those after the prompt.
+        targets        : token ids shaped like the logits without their vocab dimension; forward then
+                         returns log softmax(logits / temperature) at them in float32, [same shape],
+                         and with with_entropy=True also each position's entropy (no gradient). For
+                         losses and scoring: see chunked_head.
         """
         if prefix is not None:
             if positions is not None or attention_mask is not None or segment_ids is not None or cache is not None:
@@ -693,12 +706,19 @@ class Transformer(nn.Module):
                 raise ValueError("logits_mask selects padding (a negative segment id)")
             h, documents = self._hidden(input_ids, positions, attention_mask, segment_ids, cache, logits_mask)
             if logits_mask is not None:
-                return self.lm_head(h[0])
+                return self._head(h[0], targets, temperature, with_entropy)
             if documents is not None:
                 h = documents.unflat(h, *input_ids.shape)
         if logits_mask is not None:
-            return self.lm_head(h[logits_mask])
-        return self.lm_head(h if logits_slice is None else h[:, logits_slice])
+            return self._head(h[logits_mask], targets, temperature, with_entropy)
+        return self._head(h if logits_slice is None else h[:, logits_slice], targets, temperature, with_entropy)
+
+    def _head(self, h: torch.Tensor, targets: torch.Tensor | None, temperature: float, with_entropy: bool):
+        if targets is None:
+            return self.lm_head(h)
+        logp, entropy = head_logprobs(h, self.lm_head.weight, targets, temperature, with_entropy,
+                                      chunked=self.chunked_head)
+        return (logp, entropy) if with_entropy else logp
 
     def num_params(self, with_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

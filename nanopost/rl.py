@@ -65,7 +65,7 @@ from .curriculum import CurriculumSampler, PromptSampler, UniformSampler, stages
 from .data import check_prompts_fit, load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
-from .grpo import group_advantages, policy_loss, token_logprobs, token_logprobs_and_entropy
+from .grpo import group_advantages, policy_loss
 from .metrics import MetricsLogger, Progress, read_metrics
 from .monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
 from .run_summary import stop_tokens_line, summary_lines
@@ -558,20 +558,30 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> list[bool]:
 
 
 def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torch.Tensor, temperature: float,
-                      want_entropy: bool = False):
+                      want_entropy: bool = False, mask: torch.Tensor | None = None):
     """log pi(token) at temperature for every completion token: [N, T] (and entropy [N, T]).
 
     Rows of one group share their prompt, so each distinct prompt runs through the model once and
-    its keys/values serve all of its rows (SharedPrefix); the LM head runs on completion
-    positions only. Padding after a completion needs no mask: attention is causal, so no real
-    token sees it, and its own logprobs are masked out by the caller.
+    its keys/values serve all of its rows (SharedPrefix). The LM head runs on completion
+    positions only, and with `mask` [N, T] only where it is set (the rest are 0): with a real
+    vocabulary the head is most of the work, and a completion that stopped early needs none
+    after its end. Padding after a completion needs no attention mask: attention is causal, so
+    no real token sees it, and its own logprobs are masked out by the caller.
     """
     # Through forward(), not its parts: a DDP wrapper only synchronises what goes through forward.
-    # Logits [N, T, V]: after the prompt, then after each completion token but the last.
-    logits = model(tokens[:, :-1], prefix=shared_prefix(prompts, tokens.device))
-    if want_entropy:
-        return token_logprobs_and_entropy(logits, tokens, temperature)
-    return token_logprobs(logits, tokens, temperature), None
+    # Positions [N, T]: after the prompt, then after each completion token but the last; the model
+    # returns the tokens' logprobs without holding [N, T, vocab] logits (Transformer.chunked_head).
+    keep = None if mask is None else mask.to(tokens.device).bool()
+    out = model(tokens[:, :-1], prefix=shared_prefix(prompts, tokens.device), logits_mask=keep,
+                targets=tokens if keep is None else tokens[keep], temperature=temperature, with_entropy=want_entropy)
+    if keep is not None:
+        out = tuple(_scatter(x, keep) for x in out) if want_entropy else _scatter(out, keep)
+    return out if want_entropy else (out, None)
+
+
+def _scatter(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """values at the True entries of keep [N, T], zeros elsewhere (differentiable)."""
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
 
 
 def learner_logprobs(policy: Transformer, batch: Rollouts, cfg: GRPOConfig, temperature: float, device,
@@ -588,7 +598,7 @@ def learner_logprobs(policy: Transformer, batch: Rollouts, cfg: GRPOConfig, temp
         for start in range(mine.start, mine.stop, size):
             rows = list(range(start, min(start + size, mine.stop)))
             logp = sequence_logprobs(policy, [batch.prompts[i] for i in rows], batch.tokens[rows].to(device),
-                                     temperature)[0]
+                                     temperature, mask=batch.mask[rows])[0]
             parts.append(logp.float().cpu())
     return torch.cat(dist.gather(torch.cat(parts)))
 
@@ -618,7 +628,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
         if todo:
             with torch.no_grad(), autocast(device, cfg.precision):
                 logp = sequence_logprobs(reference, [batch.prompts[i] for i in todo], batch.tokens[todo].to(device),
-                                         temperature)[0].float()
+                                         temperature, mask=batch.mask[todo])[0].float()
             ref_rows.update(zip(todo, logp))
         t_ref += time.perf_counter() - t0
         return torch.stack([ref_rows[i] for i in rows])
@@ -660,7 +670,8 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
                 with distributed.sync_gradients(wrapped, m == n_micro - 1):
                     with autocast(device, cfg.precision):
                         logp, entropy = sequence_logprobs(wrapped, [batch.prompts[i] for i in rows],
-                                                          batch.tokens[r].to(device), temperature, want_entropy=True)
+                                                          batch.tokens[r].to(device), temperature, want_entropy=True,
+                                                          mask=batch.mask[r])
                     old_logp = logp.detach().float() if own_old else old_logprobs[r].to(device)
                     loss, s = policy_loss(
                         logp.float(), old_logp, advantages[r].to(device),

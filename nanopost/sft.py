@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from . import distributed, interrupt
 from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
@@ -111,12 +110,14 @@ class SFTConfig:
 def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
     """Sum of next-token cross-entropies over the loss tokens of a packed batch.
 
-    Logits are computed at the loss tokens only: with the loss on replies alone, the LM head and
-    the softmax over the vocabulary would otherwise run for every prompt position too.
+    The LM head runs at the loss tokens only: with the loss on replies alone, it and the softmax
+    over the vocabulary would otherwise run for every prompt position too. The model returns the
+    labels' log-probabilities without holding their logits whole (Transformer.chunked_head).
     """
     keep = batch.loss_mask.bool()
-    logits = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids, logits_mask=keep)
-    return F.cross_entropy(logits.float(), batch.labels[keep], reduction="sum")
+    logp = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids, logits_mask=keep,
+                 targets=batch.labels[keep])
+    return -logp.sum()
 
 
 def accumulate_gradients(model, micro: list[Batch], device, precision: str = "auto",

@@ -164,9 +164,9 @@ class ModelScorer:
             mask[i, : len(p) + len(a)] = 1
         was_training = self.model.training
         self.model.eval()
-        logits = self.model(ids.to(device), attention_mask=mask.to(device)).float()  # [B, T, V]
+        ids, mask = ids.to(device), mask.to(device)
+        logp = self.model(ids[:, :-1], attention_mask=mask[:, :-1], targets=ids[:, 1:])  # [B, T-1]
         self.model.train(was_training)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T-1]
         out = []
         for i, (p, a) in enumerate(pairs):
             out.append(logp[i, len(p) - 1 : len(p) + len(a) - 1].sum().item())  # position t predicts token t+1

@@ -92,6 +92,26 @@ def test_sampling_is_seeded_and_its_logprobs_recompute(pair):
         assert torch.allclose(expected, a.logprobs[i], atol=1e-4)
 
 
+@pytest.mark.parametrize("autocast_bf16", [False, True])
+def test_chunked_head_matches_the_plain_head_on_the_device(autocast_bf16):
+    from nanopost.lm_head import head_logprobs
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    h = torch.randn(300, 64, device=DEVICE, generator=g).requires_grad_()
+    w = (0.1 * torch.randn(151936, 64, device=DEVICE, generator=g)).requires_grad_()
+    tokens = torch.randint(0, 151936, (300,), device=DEVICE, generator=g)
+    runs = []
+    for chunked in (True, False):
+        h.grad = w.grad = None
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            logp, entropy = head_logprobs(h, w, tokens, 0.7, with_entropy=True, chunked=chunked)
+        logp.sum().backward()
+        runs.append((logp.detach(), entropy, h.grad.clone(), w.grad.clone()))
+    tol = dict(rtol=0.02, atol=1e-2) if autocast_bf16 else dict(rtol=1e-4, atol=1e-4)
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, **tol)
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     return larger_task(tmp_path_factory.mktemp("larger"))
