@@ -44,6 +44,7 @@ bench: $(VENV)/.bench
 	$(PY) scripts/bench_sft.py
 	$(PY) scripts/bench_grpo.py
 	$(PY) scripts/bench_scaling.py
+	$(PY) scripts/bench_vocab.py
 
 clean:
 	rm -rf $(VENV) runs out
