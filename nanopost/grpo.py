@@ -97,8 +97,6 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # exp(20) ≈ 4.9e8: far beyond any ratio the clip lets through, far below float32 overflow.
 _MAX_LOG_RATIO = 20.0
-# Elements of logits turned into float32 at once by token_logprobs / entropy_from_logits (64 MiB).
-_CHUNK_ELEMENTS = 1 << 24
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,21 +343,23 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     """log softmax(logits / temperature) at the given tokens.
 
     logits [N, T, V] (any float dtype), tokens [N, T] (valid ids everywhere, padding included).
-    Returns [N, T] in float32 (float64 for float64 logits), differentiable w.r.t. logits.
-
-    Work is done in float32 a chunk of rows at a time, and the backward pass recomputes the
-    softmax from the logits instead of keeping a [N, T, V] copy: nothing is saved but the
-    logits themselves. A bf16 log-prob would be too coarse for the ratio π_θ/π_old.
+    Returns [N, T] in float32 (float64 for float64 logits), differentiable w.r.t. logits: a bf16
+    log-prob would be too coarse for the ratio π_θ/π_old. This is the formula, holding the logits
+    whole; the training loops get the same values from the model's hidden states without them
+    (`Transformer(..., targets=)`, nanopost.lm_head).
     """
     _check_logits_args("token_logprobs", logits, tokens, temperature)
-    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), False)[0]
+    return _log_probs(logits, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
 def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """token_logprobs, and the entropy of softmax(logits / temperature) at each position from the
-    same pass over the logits. The entropy is monitored, not trained: it carries no gradient."""
+    same log-softmax. The entropy is monitored, not trained: it carries no gradient."""
     _check_logits_args("token_logprobs_and_entropy", logits, tokens, temperature)
-    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), True)
+    log_probs = _log_probs(logits, temperature)
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1), entropy
 
 
 def _check_logits_args(where: str, logits: Tensor, tokens: Tensor, temperature: float) -> None:
@@ -372,102 +372,17 @@ def _check_logits_args(where: str, logits: Tensor, tokens: Tensor, temperature: 
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy of softmax(logits / temperature) at each position: logits [N, T, V] -> [N, T].
-
-    H = logsumexp(x) − Σ_v softmax(x)_v · x_v with x = logits / temperature, in float32 (float64
-    for float64 logits), a chunk at a time. Differentiable, but autograd then keeps every chunk:
-    call it under torch.no_grad() when it is only monitored.
-    """
+    """Entropy of softmax(logits / temperature) at each position: logits [N, T, V] -> [N, T],
+    in float32 (float64 for float64 logits). Differentiable; call it under torch.no_grad() when
+    it is only monitored."""
     if temperature <= 0:
         raise ValueError(f"entropy_from_logits: temperature must be > 0, got {temperature}")
     if logits.dim() != 3:
         raise ValueError(f"entropy_from_logits: need logits [N, T, V], got {tuple(logits.shape)}")
-    n_rows, length, vocab = logits.shape
-    rows = _rows_view(logits)
-    pieces = []
-    for i, t0, t1 in _position_chunks(rows):
-        x = rows[i, t0:t1].to(_float_dtype(logits)) / temperature  # [c, V]
-        lse = torch.logsumexp(x, dim=-1)
-        p = torch.exp(x - lse.unsqueeze(-1))
-        pieces.append(lse - (p * x).sum(-1))
-    if not pieces:
-        return logits.new_zeros(n_rows, length, dtype=_float_dtype(logits))
-    return torch.cat(pieces).view(n_rows, length)
+    log_probs = _log_probs(logits, temperature)
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    """Gathered log-softmax (and, if asked, the entropy) whose backward recomputes the softmax
-    chunk by chunk. Each is one fused kernel: a log-softmax pass per chunk forwards, a softmax
-    pass backwards.
-
-    d logp_r / d logits_r,v = (1[v = token_r] − softmax_r,v) / temperature.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool):
-        rows = _rows_view(logits)
-        tokens = tokens.reshape(rows.shape[:2])
-        out_dtype = _float_dtype(logits)
-        logp = torch.empty(rows.shape[:2], dtype=out_dtype, device=logits.device)
-        entropy = torch.empty_like(logp) if want_entropy else logp.new_empty(0)
-        for i, t0, t1 in _position_chunks(rows):
-            log_probs = torch.log_softmax(_tempered(rows[i, t0:t1], out_dtype, temperature), dim=-1)  # [c, V]
-            logp[i, t0:t1] = log_probs.gather(-1, tokens[i, t0:t1].unsqueeze(-1)).squeeze(-1)
-            if want_entropy:
-                entropy[i, t0:t1] = (log_probs.exp() * log_probs).sum(-1).neg_()
-        ctx.save_for_backward(logits, tokens)
-        ctx.temperature = temperature
-        entropy = entropy.view(logits.shape[:2]) if want_entropy else entropy
-        ctx.mark_non_differentiable(entropy)
-        return logp.view(logits.shape[:2]), entropy
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
-        logits, tokens = ctx.saved_tensors
-        temperature = ctx.temperature
-        rows = _rows_view(logits)
-        grad_logp = grad_logp.reshape(rows.shape[:2])
-        chunks = list(_position_chunks(rows))
-        grad = torch.empty_like(rows) if len(chunks) > 1 else None
-        for i, t0, t1 in chunks:
-            g = grad_logp[i, t0:t1].unsqueeze(-1).to(_float_dtype(logits))  # [c, 1]
-            piece = torch.softmax(_tempered(rows[i, t0:t1], g.dtype, temperature), dim=-1).mul_(-g)  # −g·softmax
-            piece.scatter_add_(-1, tokens[i, t0:t1].unsqueeze(-1), g)  # + g at the token
-            if temperature != 1.0:
-                piece.div_(temperature)
-            if grad is None:  # one chunk: it is the whole gradient
-                return piece.to(logits.dtype).view(logits.shape), None, None, None
-            grad[i, t0:t1] = piece
-        return grad.view(logits.shape), None, None, None
-
-
-def _tempered(x: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    x = x.to(dtype)
-    return x if temperature == 1.0 else x / temperature
-
-
-def _float_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _row_chunks(rows: int, vocab: int):
-    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    for start in range(0, rows, step):
-        yield start, min(start + step, rows)
-
-
-def _rows_view(logits: Tensor) -> Tensor:
-    """logits [N, T, V] as the [R, L, V] tensor to chunk: [1, N * T, V] when contiguous (the
-    model's own output), so a few large chunks replace N small ones; a slice such as
-    logits[:, P:] cannot be flattened without a full copy, so it stays [N, T, V]."""
-    n_rows, length, vocab = logits.shape
-    return logits.view(1, n_rows * length, vocab) if logits.is_contiguous() else logits
-
-
-def _position_chunks(rows: Tensor):
-    """(row, start, end) covering rows [R, L, V] in chunks of about _CHUNK_ELEMENTS elements."""
-    n_rows, length, vocab = rows.shape
-    for i in range(n_rows):
-        for t0, t1 in _row_chunks(length, vocab):
-            yield i, t0, t1
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return torch.log_softmax(logits.to(dtype) / temperature, dim=-1)

@@ -50,7 +50,7 @@ from nanopost.benchmark import (alternate_rounds, bench_config, matmul_peak_flop
 from nanopost.checkpoint import load_model, load_tokenizer, save_model
 from nanopost.data import pack_examples, tokenize_chat, tokenize_prompt
 from nanopost.model import Transformer
-from nanopost.tokenizer import Tokenizer, train_bpe
+from nanopost.tokenizer import Tokenizer
 
 SFT_ROWS, SFT_TOKENS = 8, 512
 

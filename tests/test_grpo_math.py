@@ -431,10 +431,7 @@ def test_masked_reductions():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
-def test_token_logprobs_match_log_softmax(temperature, monkeypatch):
-    # 2 positions of an 11-word vocabulary per chunk: the 3 x 5 positions of contiguous logits are
-    # chunked as one run of 15, so chunks straddle rows
-    monkeypatch.setattr(grpo, "_CHUNK_ELEMENTS", 22)
+def test_token_logprobs_match_log_softmax(temperature):
     logits, tokens, _, _ = _random_batch(5, n=3, length=5, vocab=11)
     logits.requires_grad_()
     weights = torch.randn(3, 5, dtype=torch.float64)
@@ -446,14 +443,13 @@ def test_token_logprobs_match_log_softmax(temperature, monkeypatch):
     close(g_got, g_want, atol=1e-12)
 
 
-def test_token_logprobs_gradcheck_and_sliced_input(monkeypatch):
-    monkeypatch.setattr(grpo, "_CHUNK_ELEMENTS", 14)
+def test_token_logprobs_gradcheck_and_sliced_input():
     gen = torch.Generator().manual_seed(6)
     full = torch.randn(2, 6, 7, generator=gen, dtype=torch.float64)
     logits = full[:, 2:].detach().requires_grad_()  # the completion slice of a longer sequence
     tokens = torch.randint(7, (2, 4), generator=gen)
     assert torch.autograd.gradcheck(lambda z: token_logprobs(z, tokens, 0.8), (logits,))
-    sliced = token_logprobs(full[:, 2:], tokens)  # non-contiguous view, no copy needed
+    sliced = token_logprobs(full[:, 2:], tokens)  # a non-contiguous view
     close(sliced, torch.log_softmax(full[:, 2:], -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1), atol=1e-12)
 
 
@@ -468,8 +464,7 @@ def test_token_logprobs_returns_float32_for_bf16_logits():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_entropy_matches_direct_computation(temperature, monkeypatch):
-    monkeypatch.setattr(grpo, "_CHUNK_ELEMENTS", 22)
+def test_entropy_matches_direct_computation(temperature):
     logits, _, _, _ = _random_batch(8, n=3, length=5, vocab=11)
     p = torch.softmax(logits / temperature, -1)
     close(entropy_from_logits(logits, temperature), -(p * torch.log(p)).sum(-1), atol=1e-12)
@@ -477,10 +472,8 @@ def test_entropy_matches_direct_computation(temperature, monkeypatch):
     close(entropy_from_logits(torch.zeros(1, 1, 11)), [[math.log(11)]], atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [22, 1 << 24])  # chunks straddling rows; one chunk for everything
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions(chunk, temperature, monkeypatch):
-    monkeypatch.setattr(grpo, "_CHUNK_ELEMENTS", chunk)
+def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions(temperature):
     logits, tokens, _, _ = _random_batch(9, n=3, length=5, vocab=11)
     logits.requires_grad_()
     logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
