@@ -584,7 +584,7 @@ class Transformer(nn.Module):
                 cache.rope = cos[0, 0], sin[0, 0]  # [max_len, D]
             rope = cache.rope[0][positions][:, None], cache.rope[1][positions][:, None]
         keep = None if logits_mask is None else logits_mask.reshape(-1).nonzero().squeeze(1)
-        x = self._blocks(input_ids, positions, mask, cache, rope, keep)
+        x = self._blocks(self.model.embed_tokens(input_ids), positions, mask, cache, rope, keep)
         if cache is not None:
             cache.length += T
         return self.model.norm(x), None
@@ -598,8 +598,8 @@ class Transformer(nn.Module):
             x = self._block(layer, x, cos, sin, None, documents, keep if i == len(self.model.layers) - 1 else None)
         return self.model.norm(x), documents
 
-    def _blocks(self, input_ids, positions, mask, cache, rope=None, keep=None) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+    def _blocks(self, x, positions, mask, cache, rope=None, keep=None) -> torch.Tensor:
+        """The decoder layers over embeddings x [B, T, hidden]."""
         cos, sin = rope if rope is not None else self.rope(positions, x.dtype)
         if mask is not None:
             mask = additive_mask(mask, x.dtype)
@@ -626,9 +626,13 @@ class Transformer(nn.Module):
         prompt_positions = (prefix.mask.long().cumsum(-1) - 1).clamp(min=0)
         prompt_mask = self._attention_mask(U, P, 0, prefix.mask, None, None, prefix.ids.device)
         ends = torch.arange(1, U + 1, device=prefix.ids.device) * P - 1  # left-padded: each row's last position
-        last = self.model.norm(self._blocks(prefix.ids, prompt_positions, prompt_mask, record, keep=ends)).view(U, 1, -1)
-        last = last.index_select(0, prefix.rows)
         N, T = input_ids.shape
+        # One lookup for prompts and completions: each lookup's gradient is a dense [vocab, hidden]
+        # tensor, and two would be alive together in the backward.
+        embeds = self.model.embed_tokens(torch.cat([prefix.ids.reshape(-1), input_ids.reshape(-1)]))
+        prompt_x, x = embeds.split([U * P, N * T])
+        last = self.model.norm(self._blocks(prompt_x.view(U, P, -1), prompt_positions, prompt_mask, record, keep=ends))
+        last = last.view(U, 1, -1).index_select(0, prefix.rows)
         if T == 0:
             return last
         device = input_ids.device
@@ -637,7 +641,7 @@ class Transformer(nn.Module):
         keys = prefix.mask.bool()[prefix.rows][:, None, :].expand(N, T, P)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None].expand(N, T, T)
         mask = torch.cat([keys, causal], dim=-1)[:, None]  # [N, 1, T, P + T]
-        x = self._blocks(input_ids, positions, mask, _AfterPrefix(record.kv, prefix.rows))
+        x = self._blocks(x.view(N, T, -1), positions, mask, _AfterPrefix(record.kv, prefix.rows))
         return torch.cat([last, self.model.norm(x)], dim=1)
 
     @staticmethod

@@ -74,7 +74,7 @@ from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
-from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options
+from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
 from .schedules import lr_at, set_lr, temperature_at
 from .tasks import TASKS, get_task
 from .tokenizer import Tokenizer
@@ -779,6 +779,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     if cfg.beta > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.grad_checkpointing = cfg.grad_checkpointing  # the update's forwards alone record gradients
+    release_memory_in_backward(policy, device)
     scorer = RewardScorer(weights, cfg.reward_mode,
                           {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
     if check is None and task is not None:

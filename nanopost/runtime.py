@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import random
 
 import numpy as np
@@ -83,6 +85,52 @@ def autocast(device: torch.device, precision: str = "auto"):
             return contextlib.nullcontext()  # fp16 would need loss scaling; fp32 is the safe fallback
         return torch.autocast(device.type, dtype=torch.bfloat16)
     raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory(device: torch.device) -> bool:
+    """Hand the C heap's free pages back to the system. Returns whether anything was called
+    (only on the CPU, with glibc).
+
+    On the CPU, tensors smaller than glibc's mmap threshold (32 MiB once it has adapted) live on
+    its heap, and glibc keeps their pages resident after they are freed unless they sit at its
+    top. The next allocations fault them back in as they reuse them.
+    """
+    if device.type != "cpu" or _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+def release_memory_in_backward(model: Transformer, device: torch.device) -> list:
+    """Release freed memory where a backward starts and ends its pass through the layers; returns
+    the hooks' handles.
+
+    Where it reaches the final norm, the LM head's backward is done and its tiles are freed, along
+    with what the forward and the passes before it (the sampler's, the reference model's) left;
+    where it reaches the input embedding, every layer's activations are freed, and the
+    embedding's gradient, a dense [vocabulary × hidden] tensor, is about to be allocated. Without
+    this, a step's resident peak holds those freed pages and every gradient at once: several
+    hundred MiB more with a real vocabulary.
+    """
+    def release(grad):
+        release_freed_memory(device)
+
+    def on_output(module, args, output):  # when the backward reaches this output, before the module's own
+        if output.requires_grad:
+            output.register_hook(release)
+
+    return [m.register_forward_hook(on_output) for m in (model.model.norm, model.model.embed_tokens)]
 
 
 def seed_everything(seed: int) -> None:

@@ -42,7 +42,7 @@ from .model import Transformer
 from .rewards import extract_answer
 from .run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
 from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
-from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options
+from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
 from .schedules import lr_at, set_lr
 from .tokenizer import Tokenizer
 
@@ -214,6 +214,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     model = load_model(cfg.model, device=device, dtype=torch.float32)
     model.train()
     model.grad_checkpointing = cfg.grad_checkpointing
+    release_memory_in_backward(model, device)
 
     def epoch_batches(epoch: int) -> list[Batch]:
         return pack_examples(train_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id,
