@@ -112,9 +112,16 @@ def release_freed_memory(device: torch.device) -> bool:
     return True
 
 
+# The embedding gradient size from which releasing pays. A gradient above glibc's largest mmap
+# threshold (32 MiB on 64-bit systems) is mapped fresh, so it lands on top of the heap's freed
+# pages instead of reusing them; a smaller one fits among them. Returning pages also costs: the
+# next forward faults them back in, which a small model's step would notice.
+RELEASE_MIN_BYTES = 32 << 20
+
+
 def release_memory_in_backward(model: Transformer, device: torch.device) -> list:
     """Release freed memory where a backward starts and ends its pass through the layers; returns
-    the hooks' handles.
+    the hooks' handles (none where the input embedding is smaller than RELEASE_MIN_BYTES).
 
     Where it reaches the final norm, the LM head's backward is done and its tiles are freed, along
     with what the forward and the passes before it (the sampler's, the reference model's) left;
@@ -130,6 +137,9 @@ def release_memory_in_backward(model: Transformer, device: torch.device) -> list
         if output.requires_grad:
             output.register_hook(release)
 
+    embedding = model.model.embed_tokens.weight
+    if embedding.numel() * embedding.element_size() < RELEASE_MIN_BYTES:
+        return []
     return [m.register_forward_hook(on_output) for m in (model.model.norm, model.model.embed_tokens)]
 
 

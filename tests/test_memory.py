@@ -61,7 +61,23 @@ def test_release_freed_memory_returns_the_heaps_free_pages():
 def trims(monkeypatch):
     calls = []
     monkeypatch.setattr(runtime, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    monkeypatch.setattr(runtime, "RELEASE_MIN_BYTES", 0)  # the tests' embeddings are small
     return calls
+
+
+def test_a_small_embedding_releases_nothing(monkeypatch):
+    # Its gradient fits among the heap's freed pages, and returning them would cost page faults.
+    calls = []
+    monkeypatch.setattr(runtime, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    model = random_nano_model("llama-gqa-untied").train()
+    embedding = model.model.embed_tokens.weight
+    assert embedding.numel() * embedding.element_size() < runtime.RELEASE_MIN_BYTES
+    assert runtime.release_memory_in_backward(model, torch.device("cpu")) == []
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    model(ids, targets=ids).sum().backward()
+    assert calls == []
+    monkeypatch.setattr(runtime, "RELEASE_MIN_BYTES", embedding.numel() * embedding.element_size())
+    assert len(runtime.release_memory_in_backward(model, torch.device("cpu"))) == 2
 
 
 def test_backward_releases_memory_after_the_head_and_before_the_embedding_gradient(trims):
