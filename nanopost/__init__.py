@@ -8,18 +8,18 @@ The public entry points, importable from the package itself:
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "load_model": "checkpoint",
-    "save_model": "checkpoint",
-    "load_tokenizer": "checkpoint",
+    "load_model": "plumbing.hf_io",
+    "save_model": "plumbing.hf_io",
+    "load_tokenizer": "plumbing.hf_io",
     "generate": "generate",
     "Transformer": "model",
-    "Tokenizer": "tokenizer",
+    "Tokenizer": "plumbing.tokenizer",
 }
 __all__ = list(_PUBLIC)
 
 
 def __getattr__(name: str):
-    # Imported on first use, so that `import nanopost.config` (a script's --help) does not load torch.
+    # Imported on first use, so that `import nanopost.plumbing.config` (a script's --help) does not load torch.
     if name in _PUBLIC:
         import importlib
 

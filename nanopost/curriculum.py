@@ -60,11 +60,11 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import torch
 
-from .files import read_json, write_atomic
 from .generate import generate
-from .metrics import read_metrics
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .plumbing.files import read_json, write_atomic
+from .plumbing.metrics import read_metrics
+from .plumbing.tokenizer import Tokenizer
 
 
 class PromptSampler(Protocol):

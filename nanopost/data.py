@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from nanopost.tokenizer import Tokenizer
+from nanopost.plumbing.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "reasoning_content")

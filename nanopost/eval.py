@@ -14,10 +14,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .distributed import Dist, shard
 from .generate import generate
+from .plumbing.distributed import Dist, shard
+from .plumbing.tokenizer import Tokenizer
 from .rewards import accuracy_reward
-from .tokenizer import Tokenizer
 
 
 @dataclass

@@ -8,7 +8,7 @@ compute.
 
 The returned log-probabilities are those of the *tempered, untruncated* distribution,
 log_softmax(logits / T), at the sampled tokens: exactly what an fp32 GRPO loss recomputes, so the
-importance ratio is 1 at the first inner step (a bf16 learner uses its own, see nanopost.rl).
+importance ratio is 1 at the first inner step (a bf16 learner uses its own, see nanopost.grpo_loop).
 top-k / top-p only restrict which tokens can be drawn, exactly as transformers and vLLM restrict
 them: temperature, then top-k, then top-p on the distribution renormalised after top-k. At
 temperature 0 decoding is greedy and the logprobs are those of log_softmax(logits).
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .decode import decoder
+from .fast.decode import decoder
 from .model import KVCache, SharedPrefix, Transformer
 
 

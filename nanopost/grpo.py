@@ -71,7 +71,7 @@ wrappers that average gradients over W processes need the loss multiplied by W.
 Logprobs for the loss are `token_logprobs(logits, tokens, temperature)`, with the same
 temperature the sampler used, so the trained distribution is the one that was sampled. The GRPO
 loop gets the same values from the model without materialising the logits
-(`Transformer(..., targets=)`, see nanopost.lm_head).
+(`Transformer(..., targets=)`, see nanopost.fast.lm_head).
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     Returns [N, T] in float32 (float64 for float64 logits), differentiable w.r.t. logits: a bf16
     log-prob would be too coarse for the ratio π_θ/π_old. This is the formula, holding the logits
     whole; the training loops get the same values from the model's hidden states without them
-    (`Transformer(..., targets=)`, nanopost.lm_head).
+    (`Transformer(..., targets=)`, nanopost.fast.lm_head).
     """
     _check_logits_args("token_logprobs", logits, tokens, temperature)
     return _log_probs(logits, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)

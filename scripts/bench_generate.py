@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from nanopost.benchmark import alternate_rounds, bench_config, best_time, decode_kernel_floor, matmul_peak_flops
-from nanopost.checkpoint import save_model
+from benchmark import alternate_rounds, bench_config, best_time, decode_kernel_floor, matmul_peak_flops
+from nanopost.plumbing.hf_io import save_model
 from nanopost.generate import generate
 from nanopost.model import Transformer
 

@@ -34,7 +34,7 @@ taken over the rest. The two take turns (--rounds, a fresh process each), each s
 its round of lowest median, and every round's ratio of medians is printed as well, so a slow
 spell of the machine cannot fall on one side only and the noise is visible. Model FLOPs of a
 step are sampling + reference forward + 3x forward for the update, over prompt + completion
-positions (nanopost.benchmark.grpo_step_flops); the fraction is of the best fp32 matmul peak
+positions (benchmark.grpo_step_flops); the fraction is of the best fp32 matmul peak
 measured at the start of the run and in every round (other processes can only lower a
 measurement). nanopost computes each group's shared prompt once (SharedPrefix), so it runs fewer
 FLOPs than this count: its fraction measures the same work as TRL's, not its hardware use.
@@ -62,13 +62,13 @@ from pathlib import Path
 
 import torch
 
-from nanopost.benchmark import (SIZES, alternate_rounds, bench_config, grpo_step_flops, matmul_peak_flops, peak_rss,
+from benchmark import (SIZES, alternate_rounds, bench_config, grpo_step_flops, matmul_peak_flops, peak_rss,
                                 random_chats, report_result, run_isolated)
-from nanopost.checkpoint import load_tokenizer, save_model
+from nanopost.plumbing.hf_io import load_tokenizer, save_model
 from nanopost.data import load_rl, tokenize_prompt
 from nanopost.model import Transformer
 from nanopost.prompts import PromptTemplate
-from nanopost.tokenizer import Tokenizer, train_bpe
+from nanopost.plumbing.tokenizer import Tokenizer, train_bpe
 
 PROMPTS, GROUP, NEW_TOKENS = 4, 8, 64
 BETA, LR, BETAS, CLIP_LOW, CLIP_HIGH, CLIP_GRAD = 0.04, 1e-6, (0.9, 0.99), 0.2, 0.28, 1.0
@@ -203,8 +203,8 @@ def timed_steps(start: float, ends: list[float], prompt_tokens: list[int], warmu
 
 
 def time_nanopost(d: Path, warmup: int, steps: int, threads: int) -> dict:
-    from nanopost import rl
-    from nanopost.metrics import read_metrics
+    from nanopost import grpo_loop as rl
+    from nanopost.plumbing.metrics import read_metrics
 
     imports_rss = peak_rss()
     run = d / "run"

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from nanopost.benchmark import bench_config, random_chats
-from nanopost.checkpoint import save_model
-from nanopost.metrics import read_metrics
+from benchmark import bench_config, random_chats
+from nanopost.plumbing.hf_io import save_model
+from nanopost.plumbing.metrics import read_metrics
 from nanopost.model import Transformer
-from nanopost.tokenizer import train_bpe
+from nanopost.plumbing.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ the end of the previous one, so TRL's data collation and callbacks are inside it
 `warmup` steps are left out, and tok/s and FLOP/s are those of the fastest timed step over all
 rounds: the two sides take turns (--rounds), so a slow spell of the machine cannot fall on one
 side only, and each round's ratio of fastest steps is printed as well. Model FLOPs
-are 3x the forward FLOPs of every position (see nanopost.benchmark.training_flops), credited
+are 3x the forward FLOPs of every position (see benchmark.training_flops), credited
 alike to both sides. nanopost runs fewer: the LM head, and the last layer's output projection
 and MLP that only it reads, run at the loss tokens alone. So the line under each size also
 gives the fraction counting only that needed work, nanopost's hardware use. Fractions are of
@@ -33,7 +33,7 @@ the best fp32 matmul peak measured before each size and in every round, since ot
 can only lower a measurement.
 
 The ceiling column times, for each timed batch, the matmuls of its linear layers alone
-(nanopost.benchmark.training_matmul_floor: forward, input gradient and weight gradient of every
+(benchmark.training_matmul_floor: forward, input gradient and weight gradient of every
 linear, the LM head and the last layer's output projection and MLP at the loss tokens only),
 taking turns with the two sides like a third one.
 No attention, norm, loss or optimizer is in it, so no implementation on these kernels can train
@@ -62,14 +62,14 @@ import time
 
 import torch
 
-from nanopost.benchmark import (alternate_rounds, bench_config, document_lengths, matmul_peak_flops, peak_rss,
+from benchmark import (alternate_rounds, bench_config, document_lengths, matmul_peak_flops, peak_rss,
                                 random_chats, training_flops, training_matmul_floor)
-from nanopost.checkpoint import save_model
+from nanopost.plumbing.hf_io import save_model
 from nanopost.data import Batch, Example, pack_examples, tokenize_chat
 from nanopost.model import Transformer
-from nanopost.runtime import make_optimizer
-from nanopost.sft import accumulate_gradients
-from nanopost.tokenizer import train_bpe
+from nanopost.plumbing.runtime import make_optimizer
+from nanopost.sft_loop import accumulate_gradients
+from nanopost.plumbing.tokenizer import train_bpe
 
 BATCH = 8
 LR, WEIGHT_DECAY, BETAS, CLIP = 3e-4, 0.1, (0.9, 0.95), 1.0

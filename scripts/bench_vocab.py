@@ -21,7 +21,7 @@ every round's ratio. nanopost is also measured with --vocab 1024 for the memory 
 vocabulary: its own small-vocabulary peak plus the bytes the larger embedding and LM head add
 (weights, gradients and the two AdamW moments, 16 bytes per entry each).
 
-The head line times the chunked LM head alone (nanopost.lm_head.head_logprobs, forward and
+The head line times the chunked LM head alone (nanopost.fast.lm_head.head_logprobs, forward and
 backward) on the SFT step's positions, against the fp32 matmul peak measured in the same run:
 its matmuls alone (the forward tile and the three backward tiles, as shapes), and the whole
 head with its softmax. A TRL length is skipped when its fp32 logits alone would not fit in the
@@ -44,13 +44,13 @@ import torch
 
 import bench_grpo
 import bench_sft
-from nanopost import lm_head
-from nanopost.benchmark import (alternate_rounds, bench_config, matmul_peak_flops, random_chats, report_result,
+from nanopost.fast import lm_head
+from benchmark import (alternate_rounds, bench_config, matmul_peak_flops, random_chats, report_result,
                                 run_isolated)
-from nanopost.checkpoint import load_model, load_tokenizer, save_model
+from nanopost.plumbing.hf_io import load_model, load_tokenizer, save_model
 from nanopost.data import pack_examples, tokenize_chat, tokenize_prompt
 from nanopost.model import Transformer
-from nanopost.tokenizer import Tokenizer
+from nanopost.plumbing.tokenizer import Tokenizer
 
 SFT_ROWS, SFT_TOKENS = 8, 512
 

@@ -6,8 +6,8 @@
     python scripts/chat.py --help        # every option with its default
 """
 
-from nanopost.chat import ChatConfig, run_chat
-from nanopost.config import main_guard, parse_config
+from nanopost.tools.chat import ChatConfig, run_chat
+from nanopost.plumbing.config import main_guard, parse_config
 
 
 def main() -> None:

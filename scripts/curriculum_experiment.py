@@ -32,16 +32,16 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from nanopost.checkpoint import load_model, load_tokenizer
-from nanopost.config import main_guard, parse_config
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
+from nanopost.plumbing.config import main_guard, parse_config
 from nanopost.curriculum import (estimate_pass_rates, load_pass_rates, per_difficulty_table, save_pass_rates,
                                  write_report_table)
 from nanopost.data import load_rl, tokenize_prompt
-from nanopost.metrics import read_metrics
+from nanopost.plumbing.metrics import read_metrics
 from nanopost.prompts import PromptTemplate
 from nanopost.rewards import accuracy_reward
-from nanopost.rl import GRPOConfig, make_sampler, train_grpo
-from nanopost.runtime import pick_device
+from nanopost.grpo_loop import GRPOConfig, make_sampler, train_grpo
+from nanopost.plumbing.runtime import pick_device
 
 ARMS = ("uniform", "curriculum")
 

@@ -5,7 +5,7 @@ where early stopping (GL_alpha, UP_s) would have stopped — each with the steps
     python scripts/diagnose.py runs/grpo [--gl-alpha 5 --up-s 3 ...]
 
 Exit status 0 when nothing is wrong, 1 when a warning or error was found or the run has too few
-rows to judge (fewer train rows than --min-rows). Every threshold of nanopost.monitor.Thresholds
+rows to judge (fewer train rows than --min-rows). Every threshold of nanopost.tools.monitor.Thresholds
 can be set with --name value.
 """
 
@@ -14,9 +14,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from nanopost.config import main_guard
-from nanopost.metrics import METRICS_FILE, read_metrics
-from nanopost.monitor import Thresholds, diagnose, format_report, too_few_rows
+from nanopost.plumbing.config import main_guard
+from nanopost.plumbing.metrics import METRICS_FILE, read_metrics
+from nanopost.tools.monitor import Thresholds, diagnose, format_report, too_few_rows
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ avg@k and pass@k, per difficulty; the prompts rendered as scripts/grpo.py render
     python scripts/eval.py --help        # every option with its default
 """
 
-from nanopost.checkpoint_eval import EvalConfig, evaluate_checkpoint, format_table
-from nanopost.config import main_guard, parse_config
+from nanopost.tools.checkpoint_eval import EvalConfig, evaluate_checkpoint, format_table
+from nanopost.plumbing.config import main_guard, parse_config
 
 
 def main() -> None:

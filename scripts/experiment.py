@@ -10,8 +10,8 @@ final metrics per arm as mean ± std with a 95% t-interval, and whether arms dif
 the seed-to-seed spread (Welch's t-test). See nanopost/experiment.py for the details.
 """
 
-from nanopost.config import main_guard
-from nanopost.experiment import main
+from nanopost.plumbing.config import main_guard
+from nanopost.tools.experiment import main
 
 if __name__ == "__main__":  # the guard also keeps --jobs worker processes from rerunning the experiment
     main_guard(main)

@@ -5,8 +5,8 @@
     python scripts/grpo.py --help        # every option with its default
 """
 
-from nanopost.config import main_guard, parse_config
-from nanopost.rl import GRPOConfig, train_grpo
+from nanopost.plumbing.config import main_guard, parse_config
+from nanopost.grpo_loop import GRPOConfig, train_grpo
 
 
 def main() -> None:

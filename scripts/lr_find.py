@@ -8,8 +8,8 @@ matplotlib installed, OUT/lr_find.png. Use the same --max-len / --batch-rows / -
 SFT run the lr is for.
 """
 
-from nanopost.config import main_guard, parse_config
-from nanopost.lr_find import LRFindConfig, lr_range_test
+from nanopost.plumbing.config import main_guard, parse_config
+from nanopost.tools.lr_find import LRFindConfig, lr_range_test
 
 
 def main() -> None:

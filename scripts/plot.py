@@ -10,8 +10,8 @@ makes a group explicitly (its directories need not be repeated before it).
 import argparse
 import sys
 
-from nanopost.config import main_guard
-from nanopost.plot import parse_group, plot_runs, run_names
+from nanopost.plumbing.config import main_guard
+from nanopost.tools.plot import parse_group, plot_runs, run_names
 
 
 def main() -> None:

@@ -4,8 +4,8 @@
     python scripts/sft.py --help        # every option with its default
 """
 
-from nanopost.config import main_guard, parse_config
-from nanopost.sft import SFTConfig, train_sft
+from nanopost.plumbing.config import main_guard, parse_config
+from nanopost.sft_loop import SFTConfig, train_sft
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ Labels are scored by the model's log-probabilities, not generated. Default data:
 (short synthetic reviews, positive / negative: 200 test questions, 20 exemplars).
 """
 
-from nanopost.config import main_guard, parse_config
-from nanopost.shots import ShotsConfig, run_shots
+from nanopost.plumbing.config import main_guard, parse_config
+from nanopost.tools.shots import ShotsConfig, run_shots
 
 
 def main() -> None:

@@ -17,18 +17,18 @@ from typing import Literal
 
 import torch
 
-from nanopost.chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from nanopost.checkpoint import load_model, load_tokenizer
-from nanopost.config import main_guard, parse_config, save_config
-from nanopost.metrics import MetricsLogger, Progress
-from nanopost.reward_model import (
+from nanopost.plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
+from nanopost.plumbing.config import main_guard, parse_config, save_config
+from nanopost.plumbing.metrics import MetricsLogger, Progress
+from nanopost.tools.reward_model import (
     RewardModel,
     evaluate_reward_model,
     load_reward_data,
     save_reward_model,
     train_reward_model,
 )
-from nanopost.runtime import pick_device, seed_everything
+from nanopost.plumbing.runtime import pick_device, seed_everything
 
 
 @dataclass

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from hf_reference import CONFIGS, hf_model, padded_batch
-from nanopost.checkpoint import load_model, load_tokenizer
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.generate import generate, left_pad
-from nanopost.metrics import read_metrics
-from nanopost.rl import GRPOConfig, sequence_logprobs, train_grpo
-from nanopost.run_state import checkpoint_path
-from nanopost.runtime import autocast
-from nanopost.sft import SFTConfig, train_sft
+from nanopost.plumbing.metrics import read_metrics
+from nanopost.grpo_loop import GRPOConfig, sequence_logprobs, train_grpo
+from nanopost.plumbing.training_checkpoint import checkpoint_path
+from nanopost.plumbing.runtime import autocast
+from nanopost.sft_loop import SFTConfig, train_sft
 from tiny import larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 DEVICE = torch.device(os.environ.get("NANOPOST_CHECK_DEVICE", "cuda"))
@@ -94,7 +94,7 @@ def test_sampling_is_seeded_and_its_logprobs_recompute(pair):
 
 @pytest.mark.parametrize("autocast_bf16", [False, True])
 def test_chunked_head_matches_the_plain_head_on_the_device(autocast_bf16):
-    from nanopost.lm_head import head_logprobs
+    from nanopost.fast.lm_head import head_logprobs
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
     h = torch.randn(300, 64, device=DEVICE, generator=g).requires_grad_()

@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import nanopost.rl as rl  # noqa: E402
-import nanopost.sft as sft  # noqa: E402
-from nanopost import distributed  # noqa: E402
-from nanopost.checkpoint import load_model, load_tokenizer, save_model  # noqa: E402
-from nanopost.config import main_guard  # noqa: E402
+import nanopost.grpo_loop as rl  # noqa: E402
+import nanopost.sft_loop as sft  # noqa: E402
+from nanopost.plumbing import distributed  # noqa: E402
+from nanopost.plumbing.hf_io import load_model, load_tokenizer, save_model  # noqa: E402
+from nanopost.plumbing.config import main_guard  # noqa: E402
 from nanopost.curriculum import CurriculumSampler  # noqa: E402
 from nanopost.data import load_rl, tokenize_prompt  # noqa: E402
 from nanopost.grpo import group_advantages  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from chat_templates import LLAMA3, LLAMA3_1, QWEN2_5, QWEN3
-from nanopost.checkpoint import save_model
+from nanopost.plumbing.hf_io import save_model
 from nanopost.model import ModelConfig, Transformer
 
 QWEN_SPECIALS = [

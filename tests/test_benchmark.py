@@ -1,6 +1,6 @@
 """Benchmark helpers whose mistakes would bias a comparison."""
 
-from nanopost.benchmark import alternate_rounds, bench_config, training_flops, training_matmul_floor, training_matmuls
+from benchmark import alternate_rounds, bench_config, training_flops, training_matmul_floor, training_matmuls
 from nanopost.model import Transformer
 
 

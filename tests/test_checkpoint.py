@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from hf_reference import random_nano_model
-from nanopost.checkpoint import INDEX_FILE, load_model, save_model
+from nanopost.plumbing.hf_io import INDEX_FILE, load_model, save_model
 
 
 def logits(model, ids):

@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from nanopost.config import (
+from nanopost.plumbing.config import (
     ConfigError,
     config_to_dict,
     format_help,
@@ -213,7 +213,7 @@ def test_main_guard_prints_one_line_and_exits_2(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent("""
         from dataclasses import dataclass
-        from nanopost.config import main_guard, parse_config
+        from nanopost.plumbing.config import main_guard, parse_config
 
         @dataclass
         class C:

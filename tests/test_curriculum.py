@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanopost.checkpoint import load_model, load_tokenizer
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.curriculum import (
     CurriculumSampler,
     Stage,
@@ -22,7 +22,7 @@ from nanopost.curriculum import (
     write_report_table,
 )
 from nanopost.data import load_rl
-from nanopost.metrics import MetricsLogger, read_metrics
+from nanopost.plumbing.metrics import MetricsLogger, read_metrics
 from nanopost.schedules import temperature_at
 from tiny import larger_task, write_jsonl
 

@@ -27,7 +27,7 @@ from nanopost.data import (
     tokenize_prompt,
 )
 from nanopost.model import ModelConfig, Transformer
-from nanopost.tokenizer import Tokenizer, train_bpe
+from nanopost.plumbing.tokenizer import Tokenizer, train_bpe
 
 WORDS = "the quick brown fox jumps over a lazy dog what is plus minus times answer question hello world".split()
 

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-import nanopost.decode as decode
+import nanopost.fast.decode as decode
 from hf_reference import CONFIGS, nano_config, random_nano_model
-from nanopost.decode import PackedWeights, decoder
+from nanopost.fast.decode import PackedWeights, decoder
 from nanopost.generate import generate, left_pad
 from nanopost.model import KVCache, Transformer
 

@@ -1,7 +1,7 @@
 """The demo pipeline at toy scale: every stage runs, the report has its parts, the base is cached."""
 
-from nanopost.demo import TOY, DemoConfig, run_demo
-from nanopost.metrics import read_metrics
+from demo import TOY, DemoConfig, run_demo
+from nanopost.plumbing.metrics import read_metrics
 
 
 def test_toy_demo_writes_a_complete_report(tmp_path):

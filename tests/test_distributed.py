@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import dist_worker
-from nanopost import distributed
-from nanopost.checkpoint import load_model
-from nanopost.metrics import read_metrics
-from nanopost.rl import GRPOConfig
-from nanopost.run_state import checkpoint_path, read_summary
-from nanopost.sft import SFTConfig, train_sft
+from nanopost.plumbing import distributed
+from nanopost.plumbing.hf_io import load_model
+from nanopost.plumbing.metrics import read_metrics
+from nanopost.grpo_loop import GRPOConfig
+from nanopost.plumbing.training_checkpoint import checkpoint_path, read_summary
+from nanopost.sft_loop import SFTConfig, train_sft
 from tiny import larger_rl_records, larger_task, split_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

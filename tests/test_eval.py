@@ -4,7 +4,7 @@ same greedy completions that `completions` returns."""
 import pytest
 import torch
 
-from nanopost.checkpoint import load_model, load_tokenizer
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.eval import EvalItem, completions, evaluate, wilson_interval
 from tiny import larger_records, make_checkpoint, split_pairs
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nanopost.chat import Conversation
-from nanopost.checkpoint import load_config, load_model, load_tokenizer
+from nanopost.tools.chat import Conversation
+from nanopost.plumbing.hf_io import load_config, load_model, load_tokenizer
 from tiny import larger_rl_records, larger_task, split_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

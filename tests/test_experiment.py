@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanopost.experiment import (arm_overrides, betainc, final_metrics, mean, parse_args, random_reward,
+from nanopost.tools.experiment import (arm_overrides, betainc, final_metrics, mean, parse_args, random_reward,
                                  run_experiment, std, t_cdf, t_interval, t_quantile, welch_test)
 from tiny import larger_task
 

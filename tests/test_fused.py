@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import nanopost.model as model_module
 from hf_reference import CONFIGS, padded_batch, random_nano_model
-from nanopost.fused import QKVRopeFn, RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, rotate_pairs, scores_attention
+from nanopost.fast.fused import QKVRopeFn, RMSNormFn, RopeFn, ScoresAttentionFn, SwiGLUFn, rotate_pairs, scores_attention
 from nanopost.model import RMSNorm
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_reference import hf_model, random_nano_model
-from nanopost.checkpoint import load_model
+from nanopost.plumbing.hf_io import load_model
 from nanopost.generate import generate, left_pad, sample_token
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23, 24], [99]]

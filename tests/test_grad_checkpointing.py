@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from hf_reference import CONFIGS, random_nano_model
-from nanopost.config import format_help, parse_config
+from nanopost.plumbing.config import format_help, parse_config
 from nanopost.data import Example, pack_examples
 from nanopost.grpo import policy_loss
-from nanopost.metrics import read_metrics
+from nanopost.plumbing.metrics import read_metrics
 from nanopost.model import Block
-from nanopost.rl import GRPOConfig, sequence_logprobs, train_grpo
-from nanopost.sft import SFTConfig, accumulate_gradients, train_sft
+from nanopost.grpo_loop import GRPOConfig, sequence_logprobs, train_grpo
+from nanopost.sft_loop import SFTConfig, accumulate_gradients, train_sft
 from tiny import larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 CPU = torch.device("cpu")

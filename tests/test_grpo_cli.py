@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from nanopost.config import ConfigError, parse_config
+from nanopost.plumbing.config import ConfigError, parse_config
 from nanopost.curriculum import Stage
-from nanopost.metrics import read_metrics
-from nanopost.rl import GRPOConfig, train_grpo
-from nanopost.tokenizer import Tokenizer
+from nanopost.plumbing.metrics import read_metrics
+from nanopost.grpo_loop import GRPOConfig, train_grpo
+from nanopost.plumbing.tokenizer import Tokenizer
 from tiny import larger_rl_records, larger_task, split_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_reward_fn_from_a_file_is_logged_under_its_name(task, tmp_path):
     (tmp_path / "my_rewards.py").write_text(REWARDS)
     proc = grpo(task, tmp_path / "run", "--rewards", "{accuracy = 1.0}",
                 "--reward-fn", f"{tmp_path / 'my_rewards.py'}:brevity=0.5",
-                "--reward-fn", "nanopost.demo:worked_out")
+                "--reward-fn", "scripts.demo:worked_out")
     assert proc.returncode == 0, proc.stderr
     assert "reward brevity: " in proc.stdout and "weight 0.5" in proc.stdout
     rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from hf_reference import CONFIGS, random_nano_model
-from nanopost import lm_head
+from nanopost.fast import lm_head
 from nanopost.data import Example, pack_examples
 from nanopost.grpo import policy_loss
-from nanopost.lm_head import head_logprobs
-from nanopost.rl import sequence_logprobs
-from nanopost.sft import accumulate_gradients
+from nanopost.fast.lm_head import head_logprobs
+from nanopost.grpo_loop import sequence_logprobs
+from nanopost.sft_loop import accumulate_gradients
 
 CPU = torch.device("cpu")
 
@@ -235,7 +235,7 @@ def largest_saved(run) -> int:
 def test_training_forwards_keep_no_positions_by_vocabulary_tensor(chunked, monkeypatch):
     use_small_tiles(monkeypatch)  # tiles smaller than the positions × vocabulary of the batch
     from nanopost.model import ModelConfig, Transformer
-    from nanopost.sft import loss_sum
+    from nanopost.sft_loop import loss_sum
 
     vocab = 3000
     model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from nanopost.lr_find import LRFindConfig, lr_range_test, lr_schedule, range_test, suggest
+from nanopost.tools.lr_find import LRFindConfig, lr_range_test, lr_schedule, range_test, suggest
 from tiny import larger_task
 
 

@@ -8,10 +8,10 @@ import textwrap
 import pytest
 import torch
 
-import nanopost.runtime as runtime
+import nanopost.plumbing.runtime as runtime
 from hf_reference import random_nano_model
-from nanopost.rl import GRPOConfig, sequence_logprobs, train_grpo
-from nanopost.sft import SFTConfig, train_sft
+from nanopost.grpo_loop import GRPOConfig, sequence_logprobs, train_grpo
+from nanopost.sft_loop import SFTConfig, train_sft
 from tiny import larger_records, larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 
@@ -38,7 +38,7 @@ def test_release_freed_memory_returns_the_heaps_free_pages():
     # free() itself gives nothing back, as it cannot when the heap's top is in use.
     script = textwrap.dedent("""
         import ctypes, torch
-        from nanopost.runtime import release_freed_memory
+        from nanopost.plumbing.runtime import release_freed_memory
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanopost.metrics import MetricsLogger, Progress, format_duration, format_value, read_metrics
+from nanopost.plumbing.metrics import MetricsLogger, Progress, format_duration, format_value, read_metrics
 
 
 def test_rows_are_plain_json_lines(tmp_path):

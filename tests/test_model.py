@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_reference import CONFIGS, hf_model, nano_config, padded_batch
-from nanopost.checkpoint import load_model
+from nanopost.plumbing.hf_io import load_model
 import nanopost.model as model_module
 from nanopost.model import (KVCache, ModelConfig, SharedPrefix, Transformer, attention_by_matmul,
                              rope_inv_freq)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nanopost.monitor import (LiveMonitor, diagnose, format_report, generalization_loss, gl_alpha_stop,
+from nanopost.tools.monitor import (LiveMonitor, diagnose, format_report, generalization_loss, gl_alpha_stop,
                               up_s_stop)
 
 STEPS = 300

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from nanopost.metrics import read_metrics
-from nanopost.rl import GRPOConfig, train_grpo
-from nanopost.run_state import CheckpointError, checkpoint_path, read_summary
-from nanopost.sft import SFTConfig, train_sft
+from nanopost.plumbing.metrics import read_metrics
+from nanopost.grpo_loop import GRPOConfig, train_grpo
+from nanopost.plumbing.training_checkpoint import CheckpointError, checkpoint_path, read_summary
+from nanopost.sft_loop import SFTConfig, train_sft
 from tiny import larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +181,7 @@ def test_ctrl_c_during_sft_saves_last_without_a_traceback(task, tmp_path):
 def test_a_second_signal_stops_at_once_and_handlers_are_restored(tmp_path):
     program = textwrap.dedent("""
         import os, signal, time
-        from nanopost.interrupt import requested, stop_on_signals
+        from nanopost.plumbing.interrupt import requested, stop_on_signals
 
         before = signal.getsignal(signal.SIGTERM)
         with stop_on_signals():

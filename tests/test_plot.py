@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanopost.metrics import MetricsLogger
-from nanopost.plot import group_runs, mean_std, metric_names, seed_group
+from nanopost.plumbing.metrics import MetricsLogger
+from nanopost.tools.plot import group_runs, mean_std, metric_names, seed_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_plot_script_writes_a_png(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_matplotlib_says_how_to_install_it(monkeypatch):
-    import nanopost.plot as plot
+    import nanopost.tools.plot as plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` fail
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import nanopost.rl as rl
-import nanopost.sft as sft
-from nanopost.checkpoint import load_model
-from nanopost.config import ConfigError, parse_config
-from nanopost.metrics import MetricsLogger, read_metrics
-from nanopost.monitor import Diverged, LiveMonitor, format_report
-from nanopost.rl import GRPOConfig, train_grpo
-from nanopost.run_state import CheckpointError, checkpoint_path, save_checkpoint
-from nanopost.runtime import pick_device
-from nanopost.sft import SFTConfig, train_sft
+import nanopost.grpo_loop as rl
+import nanopost.sft_loop as sft
+from nanopost.plumbing.hf_io import load_model
+from nanopost.plumbing.config import ConfigError, parse_config
+from nanopost.plumbing.metrics import MetricsLogger, read_metrics
+from nanopost.tools.monitor import Diverged, LiveMonitor, format_report
+from nanopost.grpo_loop import GRPOConfig, train_grpo
+from nanopost.plumbing.training_checkpoint import CheckpointError, checkpoint_path, save_checkpoint
+from nanopost.plumbing.runtime import pick_device
+from nanopost.sft_loop import SFTConfig, train_sft
 from tiny import larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

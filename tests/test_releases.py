@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from nanopost.checkpoint import load_model
+from nanopost.plumbing.hf_io import load_model
 from nanopost.data import tokenize_chat
 from nanopost.eval import completions
 from nanopost.prompts import PromptTemplate
-from nanopost.tokenizer import load_tokenizer
+from nanopost.plumbing.tokenizer import load_tokenizer
 from chat_templates import QWEN2
 from releases import END_OF_TURN, RELEASES, make_release
 from tiny import write_jsonl

@@ -15,12 +15,12 @@ import re
 
 import pytest
 
-from nanopost.metrics import read_metrics
+from nanopost.plumbing.metrics import read_metrics
 from nanopost.prompts import PromptTemplate
 from nanopost.rewards import sample_reward, thinking_reward
-from nanopost.rl import GRPOConfig, train_grpo
-from nanopost.run_state import checkpoint_path
-from nanopost.sft import SFTConfig, train_sft
+from nanopost.grpo_loop import GRPOConfig, train_grpo
+from nanopost.plumbing.training_checkpoint import checkpoint_path
+from nanopost.sft_loop import SFTConfig, train_sft
 from nanopost.tasks import get_task
 from tiny import make_checkpoint, write_jsonl
 

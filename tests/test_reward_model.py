@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanopost.checkpoint import load_model, save_model
+from nanopost.plumbing.hf_io import load_model, save_model
 from nanopost.data import DataError
 from nanopost.model import ModelConfig, Transformer
-from nanopost.reward_model import (
+from nanopost.tools.reward_model import (
     ModelReward,
     PreferencePair,
     RewardEnsemble,
@@ -33,7 +33,7 @@ from nanopost.reward_model import (
     score_ids,
     train_reward_model,
 )
-from nanopost.tokenizer import train_bpe
+from nanopost.plumbing.tokenizer import train_bpe
 
 FILLER = "apple river stone cloud green table music paper window light quiet north seven tiger".split()
 KEYWORD, DECOY = "thanks", "maybe"

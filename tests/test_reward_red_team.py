@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from nanopost.demo import REWARDS as DEMO_REWARDS, THINKING as DEMO_THINKING
+from demo import REWARDS as DEMO_REWARDS, THINKING as DEMO_THINKING
 from nanopost.rewards import (accuracy_reward, combine_rewards, countdown_reward, format_reward,
                               sample_reward, thinking_reward)
 
@@ -60,7 +60,7 @@ GAMED = {
 }
 
 DEFAULTS = {}                                             # thinking_reward's own defaults
-DEMO = DEMO_THINKING                                      # the demo's thinking options (nanopost/demo.py)
+DEMO = DEMO_THINKING                                      # the demo's thinking options (scripts/demo.py)
 DEMO_WEIGHTS = DEMO_REWARDS
 # What the demo used before: free text may pay half, from 4 tokens on. Still not gameable.
 LOOSE = {"min_tokens": 4, "arithmetic_weight": 0.5}

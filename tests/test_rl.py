@@ -5,12 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-import nanopost.rl as rl
-from nanopost.checkpoint import load_model, load_tokenizer
+import nanopost.grpo_loop as rl
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.generate import generate
-from nanopost.metrics import read_metrics
-from nanopost.rl import GRPOConfig, overlong_penalty, sequence_logprobs, train_grpo
-from nanopost.run_state import checkpoint_path
+from nanopost.plumbing.metrics import read_metrics
+from nanopost.grpo_loop import GRPOConfig, overlong_penalty, sequence_logprobs, train_grpo
+from nanopost.plumbing.training_checkpoint import checkpoint_path
 from tiny import larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 
@@ -138,7 +138,7 @@ def test_curriculum_stages_set_temperature_and_group_size(task, tmp_path):
 
 def two_reward_models(task, tmp_path) -> dict[str, str]:
     """Two reward models with differently seeded random heads on the task's backbone: name -> dir."""
-    from nanopost.reward_model import RewardModel, save_reward_model
+    from nanopost.tools.reward_model import RewardModel, save_reward_model
 
     ckpt, _ = task
     tok = load_tokenizer(ckpt)
@@ -180,7 +180,7 @@ def test_sequence_mean_normaliser_counts_only_rows_with_loss_tokens(task, tmp_pa
 
 
 def test_sequence_importance_gets_gspo_clip_range_and_aggregation_unless_set(tmp_path):
-    from nanopost.config import format_help, load_config_file, parse_config, save_config
+    from nanopost.plumbing.config import format_help, load_config_file, parse_config, save_config
 
     base = ["--model", "m", "--train", "t"]
     token = parse_config(GRPOConfig, base)
@@ -227,7 +227,7 @@ def test_ensemble_from_the_config_standardises_its_members(task, tmp_path):
 def running_rewards(ckpt):
     """A model reward and a one-member ensemble, both with running statistics, built afresh as a
     new process would."""
-    from nanopost.reward_model import ModelReward, RewardEnsemble, RewardModel
+    from nanopost.tools.reward_model import ModelReward, RewardEnsemble, RewardModel
 
     tok = load_tokenizer(ckpt)
 

@@ -4,10 +4,10 @@ fp32 the sampler's logprobs serve as before (no extra forward), and the mismatch
 import pytest
 import torch
 
-import nanopost.rl as rl
-from nanopost.checkpoint import load_model, load_tokenizer
+import nanopost.grpo_loop as rl
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.generate import generate
-from nanopost.runtime import autocast
+from nanopost.plumbing.runtime import autocast
 from tiny import larger_task
 
 CPU = torch.device("cpu")

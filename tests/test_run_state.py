@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import nanopost.run_state as run_state
-from nanopost.checkpoint import load_model
+import nanopost.plumbing.training_checkpoint as run_state
+from nanopost.plumbing.hf_io import load_model
 from nanopost.model import ModelConfig, Transformer
-from nanopost.run_state import (
+from nanopost.plumbing.training_checkpoint import (
     CheckpointError,
     capture_rng,
     checkpoint_path,
@@ -21,7 +21,7 @@ from nanopost.run_state import (
     restore_rng,
     save_checkpoint,
 )
-from nanopost.tokenizer import Tokenizer, train_bpe
+from nanopost.plumbing.tokenizer import Tokenizer, train_bpe
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1)

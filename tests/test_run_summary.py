@@ -4,12 +4,12 @@ import re
 
 import pytest
 
-from nanopost.checkpoint import load_model, load_tokenizer
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.data import tokenize_prompt
 from nanopost.eval import EvalItem, evaluate
-from nanopost.rl import GRPOConfig, train_grpo
-from nanopost.run_summary import count_parameters
-from nanopost.sft import SFTConfig, train_sft
+from nanopost.grpo_loop import GRPOConfig, train_grpo
+from nanopost.plumbing.run_summary import count_parameters
+from nanopost.sft_loop import SFTConfig, train_sft
 from tiny import larger_rl_records, larger_task, split_pairs, write_jsonl
 
 

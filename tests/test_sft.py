@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from nanopost.checkpoint import load_model, load_tokenizer
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.data import load_sft, make_batch, tokenize_chat
-from nanopost.metrics import read_metrics
-from nanopost.run_state import CheckpointError, checkpoint_path
-from nanopost.sft import SFTConfig, accumulate_gradients, train_sft
+from nanopost.plumbing.metrics import read_metrics
+from nanopost.plumbing.training_checkpoint import CheckpointError, checkpoint_path
+from nanopost.sft_loop import SFTConfig, accumulate_gradients, train_sft
 from tiny import larger_records, larger_task, make_checkpoint, split_pairs, write_jsonl
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from nanopost.checkpoint import load_model, load_tokenizer
+from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.data import tokenize_prompt
 from nanopost.prompts import PromptTemplate
 from nanopost.rewards import extract_answer
-from nanopost.shots import (ModelScorer, ShotsConfig, calibrate, evaluate_shots, messages_for, run_shots,
+from nanopost.tools.shots import (ModelScorer, ShotsConfig, calibrate, evaluate_shots, messages_for, run_shots,
                             sentiment_task, shot_prompts)
 from tiny import make_checkpoint, write_jsonl
 

@@ -9,8 +9,8 @@ import chat_templates as T
 import pytest
 import transformers
 
-from nanopost.chat_template import detect_chat_format
-from nanopost.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from nanopost.plumbing.chat_template import detect_chat_format
+from nanopost.plumbing.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

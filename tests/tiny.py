@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from nanopost.checkpoint import save_model
+from nanopost.plumbing.hf_io import save_model
 from nanopost.model import ModelConfig, Transformer
-from nanopost.tokenizer import train_bpe
+from nanopost.plumbing.tokenizer import train_bpe
 
 
 def larger_records(pairs) -> list[dict]:

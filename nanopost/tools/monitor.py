@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-STOP_ON_HELP = "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.monitor)"
+STOP_ON_HELP = "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.tools.monitor)"
 SEVERITIES = ("error", "warning", "info")
 CODES = ("overfitting", "reward_hacking", "length_exploding", "length_collapsing", "entropy_collapse",
          "kl_runaway", "lr_too_low", "lr_too_high", "no_learning", "no_signal", "early_stop")

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .model import KVCache, Transformer, additive_mask, apply_rope
+from ..model import KVCache, Transformer, additive_mask, apply_rope
 
 PACK_LIMIT_BYTES = 1 << 30
 

@@ -10,8 +10,8 @@ import random
 import numpy as np
 import torch
 
+from ..model import Transformer
 from .config import is_finite, require
-from .model import Transformer
 
 
 GRAD_CHECKPOINTING_HELP = ("recompute each block's activations in the backward instead of storing them: "

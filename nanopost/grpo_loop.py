@@ -36,7 +36,7 @@ Choices, and where this loop departs from the textbook (DeepSeekMath) GRPO:
  7. The temperature follows a schedule (constant, linear, cosine or per-stage), used both for
     sampling and for the loss logprobs, and logged each step.
 
-Under torchrun (nanopost.distributed) every rank draws the same prompts, generates and scores
+Under torchrun (nanopost.plumbing.distributed) every rank draws the same prompts, generates and scores
 the completions of its own block of groups, then all ranks gather every rollout: rewards,
 advantages (batch scaling included), dynamic-sampling decisions and curriculum statistics are
 computed over the global batch, identically everywhere. The update shards each mini-batch's rows
@@ -57,28 +57,28 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from . import distributed, interrupt
-from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .checkpoint import load_config, load_model, load_tokenizer, save_model
-from .config import is_finite, require
 from .curriculum import CurriculumSampler, PromptSampler, UniformSampler, stages_from_tables
 from .data import check_prompts_fit, load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
 from .grpo import group_advantages, policy_loss
-from .metrics import MetricsLogger, Progress, read_metrics
-from .monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
-from .run_summary import stop_tokens_line, summary_lines
 from .model import Transformer
+from .plumbing import distributed, interrupt
+from .plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
+from .plumbing.config import is_finite, require
+from .plumbing.hf_io import load_config, load_model, load_tokenizer, save_model
+from .plumbing.metrics import MetricsLogger, Progress, read_metrics
+from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
+from .plumbing.run_summary import stop_tokens_line, summary_lines
+from .plumbing.runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
+from .plumbing.tokenizer import Tokenizer
+from .plumbing.training_checkpoint import checkpoint_path, prepare_training, save_checkpoint, start_run
+from .plumbing.user_rewards import load_reward_fns, parse_spec
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
-from .run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
-from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
-from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
 from .schedules import lr_at, set_lr, temperature_at
 from .tasks import TASKS, get_task
-from .tokenizer import Tokenizer
-from .user_rewards import load_reward_fns, parse_spec
+from .tools.monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
 
 
 # What --importance gives clip_low, clip_high and agg when they are left unset (None):
@@ -494,7 +494,7 @@ def model_rewards(cfg: GRPOConfig, device) -> dict[str, Callable]:
     """
     if not cfg.reward_models:
         return {}
-    from .reward_model import ModelReward, RewardEnsemble, load_reward_model
+    from .tools.reward_model import ModelReward, RewardEnsemble, load_reward_model
 
     members = {name: ModelReward(load_reward_model(path, device=device), load_tokenizer(path))
                for name, path in cfg.reward_models.items()}
@@ -750,7 +750,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
 
     Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
     `last` is saved every --save-every steps (0: at every --eval-every step), at the end, and when
-    Ctrl-C or SIGTERM ends the run after the current step (nanopost.interrupt); `best` whenever a
+    Ctrl-C or SIGTERM ends the run after the current step (nanopost.plumbing.interrupt); `best` whenever a
     held-out evaluation's accuracy beats every earlier one.
     """
     dist, run, resume_from, log = start_run(cfg, log)

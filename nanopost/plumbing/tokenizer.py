@@ -3,7 +3,7 @@
 A checkpoint's tokenizer is two files: tokenizer.json (the fast tokenizer: vocabulary, merges,
 pre-tokenizer, added tokens) and tokenizer_config.json (which added tokens are eos / pad / bos,
 and the chat template, which transformers may also keep in chat_template.jinja). `Tokenizer`
-reads both, renders chats with `nanopost.chat_template` (no Jinja), and writes them back so that
+reads both, renders chats with `nanopost.plumbing.chat_template` (no Jinja), and writes them back so that
 transformers' AutoTokenizer loads the same ids and the same chat text.
 
 `encode` adds nothing the text does not contain: special tokens written in the text, such as
@@ -29,8 +29,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from nanopost.chat_template import ChatFormat, chat_format_override, detect_chat_format, render_chat
-from nanopost.files import read_json
+from nanopost.plumbing.chat_template import ChatFormat, chat_format_override, detect_chat_format, render_chat
+from nanopost.plumbing.files import read_json
 
 SPECIAL_TOKEN_FIELDS = ("eos_token", "pad_token", "bos_token")
 GENERATION_CONFIG = "generation_config.json"

@@ -36,12 +36,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .checkpoint import load_model, load_tokenizer
-from .data import read_jsonl, tokenize_prompt
-from .prompts import PromptTemplate
-from .runtime import pick_device
-from .tokenizer import Tokenizer
+from ..data import read_jsonl, tokenize_prompt
+from ..plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
+from ..plumbing.hf_io import load_model, load_tokenizer
+from ..plumbing.runtime import pick_device
+from ..plumbing.tokenizer import Tokenizer
+from ..prompts import PromptTemplate
 
 INSTRUCTION = "Is the sentiment of this review positive or negative?"
 

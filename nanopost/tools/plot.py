@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import read_metrics
+from ..plumbing.metrics import read_metrics
 
 MISSING = "matplotlib is needed for plots: pip install matplotlib, or the plot extra (pip install -e '.[plot]')"
 

@@ -49,11 +49,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .config import parse_config
-from .metrics import read_metrics
-from .rewards import RewardFn
-from .rl import GRPOConfig, train_grpo
-from .sft import SFTConfig, train_sft
+from ..grpo_loop import GRPOConfig, train_grpo
+from ..plumbing.config import parse_config
+from ..plumbing.metrics import read_metrics
+from ..rewards import RewardFn
+from ..sft_loop import SFTConfig, train_sft
 
 # -- statistics: small pure functions ----------------------------------------------------------------
 

@@ -53,11 +53,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
+from ..model import Transformer
 from . import distributed
-from .checkpoint import load_model, save_model
 from .config import save_config
 from .files import write_atomic
-from .model import Transformer
+from .hf_io import load_model, save_model
 from .run_dir import check_resume_config, check_writable, clear_run, describe_run, refuse_if_held
 from .runtime import make_optimizer, seed_everything
 

@@ -14,9 +14,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from .data import PAD_SEGMENT
-from .decode import PackedWeights
-from .model import ModelConfig, Transformer
+from nanopost.data import PAD_SEGMENT
+from nanopost.fast.decode import PackedWeights
+from nanopost.model import ModelConfig, Transformer
 
 # The two model sizes every benchmark uses (Qwen2-style, random init).
 SIZES = {
@@ -72,7 +72,7 @@ def matmul_peak_flops(n: int = 1024, dtype: torch.dtype = torch.float32, device:
 def decode_kernel_floor(model: Transformer, batch: int, context: int, repeats: int = 30) -> float:
     """Seconds per decoding step spent in the step's matmuls and attention kernels alone.
 
-    The packed step's matmuls (nanopost.decode: q/k/v, o, gate/up and down of every layer, then
+    The packed step's matmuls (nanopost.fast.decode: q/k/v, o, gate/up and down of every layer, then
     the LM head) on `batch` rows, plus attention of one query per row over `context` cached keys
     in each layer, timed kernel by kernel with nothing between them: no norms, RoPE, cache
     writes, sampling or Python. Each layer reads keys and values of its own, as a real cache has

@@ -14,13 +14,13 @@ from typing import Callable, TextIO
 
 import torch
 
-from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .checkpoint import load_config, load_model, load_tokenizer
-from .config import is_finite, require
-from .data import tokenize_prompt
-from .generate import generate
-from .runtime import pick_device
-from .tokenizer import Tokenizer
+from ..data import tokenize_prompt
+from ..generate import generate
+from ..plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
+from ..plumbing.config import is_finite, require
+from ..plumbing.hf_io import load_config, load_model, load_tokenizer
+from ..plumbing.runtime import pick_device
+from ..plumbing.tokenizer import Tokenizer
 
 QUIT = ("/quit", "/exit")
 

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .model import Transformer
+from ..model import Transformer
 from .runtime import pick_device
 
 try:  # FSDP2 is public from torch 2.6

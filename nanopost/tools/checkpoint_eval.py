@@ -22,15 +22,15 @@ from typing import Callable
 
 import torch
 
-from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .checkpoint import load_config, load_model, load_tokenizer
-from .config import is_finite, require
-from .data import load_rl
-from .eval import EvalItem, default_check, evaluate
-from .prompts import PromptTemplate
-from .rl import GRPOConfig, prompt_key, tokenize_prompts
-from .runtime import pick_device
-from .tasks import TASKS, get_task
+from ..data import load_rl
+from ..eval import EvalItem, default_check, evaluate
+from ..grpo_loop import GRPOConfig, prompt_key, tokenize_prompts
+from ..plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
+from ..plumbing.config import is_finite, require
+from ..plumbing.hf_io import load_config, load_model, load_tokenizer
+from ..plumbing.runtime import pick_device
+from ..prompts import PromptTemplate
+from ..tasks import TASKS, get_task
 
 
 @dataclass

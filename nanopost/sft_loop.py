@@ -12,7 +12,7 @@ gradient accumulation gives the same gradient as one big batch however lengths a
 Runs resume exactly: the data order is a function of (seed, epoch), the lr a function of the
 step, and the checkpoint holds weights, optimizer state, RNG states and the data position.
 
-Under torchrun (nanopost.distributed) a step draws grad_accum micro-batches per process from
+Under torchrun (nanopost.plumbing.distributed) a step draws grad_accum micro-batches per process from
 the same global order, rank r taking every world-th one; the token count is summed over ranks,
 so N processes make the update one process makes with grad_accum * N micro-batches. The data
 position counts global micro-batches, so a run may resume on a different number of processes
@@ -28,23 +28,23 @@ from typing import Literal
 
 import torch
 
-from . import distributed, interrupt
-from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .checkpoint import load_config, load_model, load_tokenizer
-from .config import is_finite, require
+from .plumbing import distributed, interrupt
+from .plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
+from .plumbing.config import is_finite, require
+from .plumbing.hf_io import load_config, load_model, load_tokenizer
 from .data import (Batch, Example, check_prompts_fit, fit_examples, load_sft, load_text, pack_examples,
                    tokenize_chat, tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
-from .metrics import MetricsLogger, Progress, read_metrics
-from .monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
-from .run_summary import stop_tokens_line, summary_lines
 from .model import Transformer
+from .plumbing.metrics import MetricsLogger, Progress, read_metrics
+from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
+from .plumbing.run_summary import stop_tokens_line, summary_lines
+from .plumbing.runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
+from .plumbing.tokenizer import Tokenizer
+from .plumbing.training_checkpoint import checkpoint_path, prepare_training, save_checkpoint, start_run
 from .rewards import extract_answer
-from .run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
-from .run_state import checkpoint_path, prepare_training, save_checkpoint, start_run
-from .runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
 from .schedules import lr_at, set_lr
-from .tokenizer import Tokenizer
+from .tools.monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
 
 
 @dataclass
@@ -189,7 +189,7 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
     """Run SFT as configured; returns the final metrics. Writes everything under cfg.out.
 
     Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
-    Ctrl-C or SIGTERM ends the run after the current step, with `last` saved (nanopost.interrupt).
+    Ctrl-C or SIGTERM ends the run after the current step, with `last` saved (nanopost.plumbing.interrupt).
     """
     dist, run, resume_from, log = start_run(cfg, log)
     device = dist.device

@@ -12,7 +12,7 @@ factor). Also reported: the lr of steepest descent of the smoothed loss against 
 is often close but noisier on short tests. Both are read from an exponential moving average
 of the loss (bias-corrected, weight `smooth`), because single steps of different batches are
 too noisy to compare. The model is the same as SFT's: data, packing, loss and optimizer are
-nanopost.sft's own, so the lr found is the lr for scripts/sft.py with the same batch options.
+nanopost.sft_loop's own, so the lr found is the lr for scripts/sft.py with the same batch options.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .checkpoint import load_model, load_tokenizer
-from .data import pack_examples
+from ..data import pack_examples
+from ..plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
+from ..plumbing.hf_io import load_model, load_tokenizer
+from ..plumbing.runtime import make_optimizer, pick_device, seed_everything
+from ..schedules import set_lr
+from ..sft_loop import SFTConfig, accumulate_gradients, prepare
 from .plot import ema
-from .runtime import make_optimizer, pick_device, seed_everything
-from .schedules import set_lr
-from .sft import SFTConfig, accumulate_gradients, prepare
 
 
 @dataclass

@@ -44,13 +44,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, read_tensors, weight_files
-from .data import DataError, _is_number, _json_type, read_jsonl, tokenize_chat
-from .files import read_json, write_atomic
-from .model import ModelConfig, Transformer
-from .runtime import autocast, make_optimizer
-from .schedules import lr_at, set_lr
-from .tokenizer import Tokenizer
+from ..data import DataError, _is_number, _json_type, read_jsonl, tokenize_chat
+from ..model import ModelConfig, Transformer
+from ..plumbing.files import read_json, write_atomic
+from ..plumbing.hf_io import DTYPES, INDEX_FILE, SINGLE_FILE, read_tensors, weight_files
+from ..plumbing.runtime import autocast, make_optimizer
+from ..plumbing.tokenizer import Tokenizer
+from ..schedules import lr_at, set_lr
 
 MARKER = "nanopost_reward_model"
 HEAD = "score.weight"

@@ -1,0 +1,2 @@
+"""What a learner may skip: checkpoint files, tokenizers and chat formats, options, run
+directories and training checkpoints, metrics, devices and several processes."""
