@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from .fast.decode import decoder
-from .model import KVCache, SharedPrefix, Transformer
+from .model import KVCache, NextTokenLogits, SharedPrefix, Transformer
 
 
 @dataclass
@@ -133,7 +133,8 @@ def generate(
     prefix = shared_prefix(prompts, device)
     (U, P), B = prefix.ids.shape, len(prompts)
     cache = KVCache(model.config, U, P + max_new_tokens, device, model.dtype)
-    logits = model(prefix.ids, attention_mask=prefix.mask, cache=cache, logits_slice=slice(-1, None))[:, -1]  # [U, V]
+    # Through forward (the entry FSDP2 gathers the weights at), the LM head at the last position alone.
+    logits = model(NextTokenLogits(prefix.ids, attention_mask=prefix.mask, cache=cache))  # [U, V]
     positions = prefix.mask.sum(-1, keepdim=True)  # [U, 1] next position of each row
     if U < B:
         cache.keep(prefix.rows)

@@ -70,8 +70,8 @@ wrappers that average gradients over W processes need the loss multiplied by W.
 
 Logprobs for the loss are `token_logprobs(logits, tokens, temperature)`, with the same
 temperature the sampler used, so the trained distribution is the one that was sampled. The GRPO
-loop gets the same values from the model without materialising the logits
-(`Transformer(..., targets=)`, see nanopost.fast.lm_head).
+loop gets the same values from the model (`model(PrefixLogprobs(...))`, nanopost/model.py), whose
+fast path never materialises the logits (nanopost/fast/lm_head.py).
 """
 
 from __future__ import annotations
@@ -345,8 +345,8 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     logits [N, T, V] (any float dtype), tokens [N, T] (valid ids everywhere, padding included).
     Returns [N, T] in float32 (float64 for float64 logits), differentiable w.r.t. logits: a bf16
     log-prob would be too coarse for the ratio π_θ/π_old. This is the formula, holding the logits
-    whole; the training loops get the same values from the model's hidden states without them
-    (`Transformer(..., targets=)`, nanopost.fast.lm_head).
+    whole; the training loops get the same values from the model (`Logprobs`, nanopost/model.py),
+    whose fast path computes them from the hidden states without the logits.
     """
     _check_logits_args("token_logprobs", logits, tokens, temperature)
     return _log_probs(logits, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)

@@ -62,7 +62,7 @@ from .data import check_prompts_fit, load_rl, tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
 from .grpo import group_advantages, policy_loss
-from .model import Transformer
+from .model import PrefixLogprobs, Transformer
 from .plumbing import distributed, interrupt
 from .plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .plumbing.config import is_finite, require
@@ -569,11 +569,11 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], tokens: torc
     no real token sees it, and its own logprobs are masked out by the caller.
     """
     # Through forward(), not its parts: a DDP wrapper only synchronises what goes through forward.
-    # Positions [N, T]: after the prompt, then after each completion token but the last; the model
-    # returns the tokens' logprobs without holding [N, T, vocab] logits (Transformer.chunked_head).
+    # Positions [N, T]: after the prompt, then after each completion token but the last.
     keep = None if mask is None else mask.to(tokens.device).bool()
-    out = model(tokens[:, :-1], prefix=shared_prefix(prompts, tokens.device), logits_mask=keep,
-                targets=tokens if keep is None else tokens[keep], temperature=temperature, with_entropy=want_entropy)
+    out = model(PrefixLogprobs(shared_prefix(prompts, tokens.device), tokens[:, :-1],
+                               tokens if keep is None else tokens[keep], where=keep, temperature=temperature,
+                               with_entropy=want_entropy))
     if keep is not None:
         out = tuple(_scatter(x, keep) for x in out) if want_entropy else _scatter(out, keep)
     return out if want_entropy else (out, None)

@@ -35,7 +35,7 @@ from .plumbing.hf_io import load_config, load_model, load_tokenizer
 from .data import (Batch, Example, check_prompts_fit, fit_examples, load_sft, load_text, pack_examples,
                    tokenize_chat, tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
-from .model import Transformer
+from .model import Logprobs, Transformer
 from .plumbing.metrics import MetricsLogger, Progress, read_metrics
 from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
 from .plumbing.run_summary import stop_tokens_line, summary_lines
@@ -112,11 +112,11 @@ def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
 
     The LM head runs at the loss tokens only: with the loss on replies alone, it and the softmax
     over the vocabulary would otherwise run for every prompt position too. The model returns the
-    labels' log-probabilities without holding their logits whole (Transformer.chunked_head).
+    labels' log-probabilities (the fast path without holding their logits whole).
     """
     keep = batch.loss_mask.bool()
-    logp = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids, logits_mask=keep,
-                 targets=batch.labels[keep])
+    logp = model(Logprobs(batch.input_ids, batch.labels[keep], positions=batch.positions,
+                          segment_ids=batch.segment_ids, where=keep))
     return -logp.sum()
 
 

@@ -25,7 +25,7 @@ import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from chat_templates import LLAMA3, LLAMA3_1, QWEN2_5, QWEN3
-from nanopost.plumbing.hf_io import save_model
+from nanopost.plumbing.hf_io import config_from_hf, save_model
 from nanopost.model import ModelConfig, Transformer
 
 QWEN_SPECIALS = [
@@ -165,7 +165,7 @@ def make_release(name: str, path: Path, texts: list[str], *, seed: int = 0) -> P
 
     hf = {**spec["config"], **SMALL, "torch_dtype": "float32"}
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_hf(hf, source=name))
+    model = Transformer(config_from_hf(hf, source=name))
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     save_model(model, path)
     # The release's own files, with fields nanopost does not model kept as they are.

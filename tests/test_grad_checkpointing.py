@@ -51,7 +51,7 @@ def assert_same(plain, checkpointed):
 
 
 # Lengths giving several documents per packed row: the documents' grid path; a few long among
-# many short: the block-diagonal mask path (see _Documents.of).
+# many short: the block-diagonal mask path (see fast.transformer.Documents.of).
 LAYOUTS = {"grid": [9, 14, 5, 20, 11, 7, 16, 3], "mask": [60] + [3] * 12}
 
 

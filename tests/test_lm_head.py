@@ -11,6 +11,7 @@ from nanopost.data import Example, pack_examples
 from nanopost.grpo import policy_loss
 from nanopost.fast.lm_head import head_logprobs
 from nanopost.grpo_loop import sequence_logprobs
+from nanopost.model import Logprobs
 from nanopost.sft_loop import accumulate_gradients
 
 CPU = torch.device("cpu")
@@ -145,16 +146,17 @@ def test_rejects_bad_arguments():
 
 def grads(model, run, chunked: bool):
     model.zero_grad(set_to_none=True)
-    model.chunked_head = chunked
+    model.impl = "fast" if chunked else "reference"
     out = run()
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def assert_close_runs(model, run, precision):
-    """The chunked head against the reference head through the model's switch. In fp32 the two
-    agree to rounding; under bf16 autocast the bf16 matmuls of the head's gradient are summed in
-    other orders, so each run is measured against the fp32 run instead: the chunked head must
-    come as close to it as the reference does."""
+    """The fast path (the chunked head) against the reference through the model's switch. In fp32 the two
+    agree to rounding; under bf16 autocast the two round differently all the way through (the
+    fast path runs each prompt once, the reference each row whole, and the head's bf16 matmuls
+    sum in other orders), so each run is measured against the fp32 reference instead: the fast
+    path must come as close to it as the reference does."""
     chunked = grads(model, lambda: run(precision), True)
     reference = grads(model, lambda: run(precision), False)
     if precision == "fp32":
@@ -163,7 +165,10 @@ def assert_close_runs(model, run, precision):
             torch.testing.assert_close(chunked[1][name], reference[1][name], rtol=1e-4, atol=1e-5, msg=name)
         return
     exact = grads(model, lambda: run("fp32"), False)
-    torch.testing.assert_close(chunked[0], reference[0], rtol=0, atol=2e-3)
+    error, reference_error = ((r[0] - exact[0]).norm() for r in (chunked, reference))
+    # bf16 keeps 8 bits: a thousandth of the values' size is a few of its roundings, far below
+    # what a wrong computation gives.
+    assert error <= 2 * reference_error + 1e-3 * exact[0].norm(), ("values", error, reference_error)
     for name in chunked[1]:
         error, reference_error = ((r[1][name] - exact[1][name]).norm() for r in (chunked, reference))
         assert error <= 2 * reference_error + 1e-6, (name, error, reference_error)
@@ -208,7 +213,7 @@ def test_grpo_logprobs_entropy_and_gradients_equal_the_reference_head(small_tile
     assert_close_runs(model, run, precision)
 
 
-def test_forward_targets_follow_logits_mask_and_slice():
+def test_logprobs_follow_the_chosen_positions():
     model = random_nano_model("qwen2-bias-tied")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=g)
@@ -217,10 +222,8 @@ def test_forward_targets_follow_logits_mask_and_slice():
     with torch.no_grad():
         logits = model(ids).float()
         want = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-        torch.testing.assert_close(model(ids, targets=targets), want, rtol=0, atol=1e-5)
-        torch.testing.assert_close(model(ids, logits_mask=keep, targets=targets[keep]), want[keep], rtol=0, atol=1e-5)
-        sliced = model(ids, logits_slice=slice(4, None), targets=targets[:, 4:])
-        torch.testing.assert_close(sliced, want[:, 4:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(Logprobs(ids, targets)), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(Logprobs(ids, targets[keep], where=keep)), want[keep], rtol=0, atol=1e-5)
 
 
 def largest_saved(run) -> int:
@@ -240,7 +243,7 @@ def test_training_forwards_keep_no_positions_by_vocabulary_tensor(chunked, monke
     vocab = 3000
     model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1))
-    model.chunked_head = chunked
+    model.impl = "fast" if chunked else "reference"
     rng = random.Random(0)
     batch = pack_examples([Example([rng.randrange(vocab) for _ in range(40)], [0] * 4 + [1] * 36)
                            for _ in range(4)], 40, 4)[0]

@@ -11,6 +11,7 @@ import torch
 import nanopost.plumbing.runtime as runtime
 from hf_reference import random_nano_model
 from nanopost.grpo_loop import GRPOConfig, sequence_logprobs, train_grpo
+from nanopost.model import Logprobs
 from nanopost.sft_loop import SFTConfig, train_sft
 from tiny import larger_records, larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
@@ -74,7 +75,7 @@ def test_a_small_embedding_releases_nothing(monkeypatch):
     assert embedding.numel() * embedding.element_size() < runtime.RELEASE_MIN_BYTES
     assert runtime.release_memory_in_backward(model, torch.device("cpu")) == []
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
-    model(ids, targets=ids).sum().backward()
+    model(Logprobs(ids, ids)).sum().backward()
     assert calls == []
     monkeypatch.setattr(runtime, "RELEASE_MIN_BYTES", embedding.numel() * embedding.element_size())
     assert len(runtime.release_memory_in_backward(model, torch.device("cpu"))) == 2
@@ -87,7 +88,7 @@ def test_backward_releases_memory_after_the_head_and_before_the_embedding_gradie
     seen = []
     runtime._MALLOC_TRIM = lambda pad: seen.append((head.grad is not None, embedding.grad is not None))
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
-    model(ids, targets=ids).sum().backward()
+    model(Logprobs(ids, ids)).sum().backward()
     assert seen == [(True, False), (True, False)]  # at the final norm, then at the embedding
     with torch.no_grad():
         model(ids)

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from hf_reference import CONFIGS, hf_model, nano_config, padded_batch
-from nanopost.plumbing.hf_io import load_model
-import nanopost.model as model_module
-from nanopost.model import (KVCache, ModelConfig, SharedPrefix, Transformer, attention_by_matmul,
-                             rope_inv_freq)
+from nanopost.plumbing.hf_io import config_from_hf, load_model
+import nanopost.fast.transformer as fast_module
+from nanopost.fast.transformer import attention_by_matmul
+from nanopost.model import (IMPLS, KVCache, Logprobs, ModelConfig, PrefixLogprobs, SharedPrefix, Transformer,
+                            rope_inv_freq)
 
 TOL = 1e-4
 
@@ -20,8 +21,10 @@ def pair(request, tmp_path_factory):
     return hf, load_model(path)
 
 
-def test_logits_match_transformers_with_padding(pair):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logits_match_transformers_with_padding(pair, impl):
     hf, ours = pair
+    ours.impl = impl
     ids, mask = padded_batch(ours.config.vocab_size)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -31,8 +34,10 @@ def test_logits_match_transformers_with_padding(pair):
     assert (ref - out)[real].abs().max().item() < TOL
 
 
-def test_gradients_match_transformers_with_padding(pair):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_transformers_with_padding(pair, impl):
     hf, ours = pair
+    ours.impl = impl
     ids, mask = padded_batch(ours.config.vocab_size, seed=2)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     probe = torch.randn(*ids.shape, ours.config.vocab_size, generator=torch.Generator().manual_seed(0))
@@ -49,8 +54,10 @@ def test_gradients_match_transformers_with_padding(pair):
         ours.zero_grad(set_to_none=True)
 
 
-def test_padding_does_not_change_real_tokens(pair):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padding_does_not_change_real_tokens(pair, impl):
     _, ours = pair
+    ours.impl = impl
     ids, mask = padded_batch(ours.config.vocab_size)
     with torch.no_grad():
         batched = ours(ids, attention_mask=mask)
@@ -58,8 +65,10 @@ def test_padding_does_not_change_real_tokens(pair):
     assert (batched[2, 11:] - alone[0]).abs().max().item() < TOL
 
 
-def test_kv_cached_decoding_equals_full_recomputation(pair):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kv_cached_decoding_equals_full_recomputation(pair, impl):
     _, ours = pair
+    ours.impl = impl
     ids, mask = padded_batch(ours.config.vocab_size, seed=1)
     with torch.no_grad():
         full = ours(ids, attention_mask=mask)
@@ -100,11 +109,11 @@ def test_short_and_long_attention_paths_agree(monkeypatch):
         return out.detach(), grads
 
     calls = []
-    by_matmul = model_module.attention_by_matmul
-    monkeypatch.setattr(model_module, "attention_by_matmul", lambda *args: calls.append(1) or by_matmul(*args))
+    by_matmul = fast_module.attention_by_matmul
+    monkeypatch.setattr(fast_module, "attention_by_matmul", lambda *args: calls.append(1) or by_matmul(*args))
     short = run()
     assert len(calls) == model.config.num_hidden_layers
-    monkeypatch.setattr(model_module, "SCORES_PER_HEAD", 0)  # every attention through SDPA
+    monkeypatch.setattr(fast_module, "SCORES_PER_HEAD", 0)  # every attention through SDPA
     flash = run()
     assert len(calls) == model.config.num_hidden_layers
     real = mask.bool()
@@ -135,7 +144,7 @@ def test_a_packed_batch_trains_as_its_documents_apart(rows, grid, scores, name, 
     # are those it gets alone. The first layout runs one document per row, padding not computed
     # (logits 0); the second has one long document among short ones, so it keeps the batch's rows.
     if not scores:
-        monkeypatch.setattr(model_module, "SCORES_PER_HEAD", 0)  # attention through SDPA
+        monkeypatch.setattr(fast_module, "SCORES_PER_HEAD", 0)  # attention through SDPA
     model = Transformer(nano_config(name))
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
@@ -150,7 +159,7 @@ def test_a_packed_batch_trains_as_its_documents_apart(rows, grid, scores, name, 
             ids[r, start : start + n], segments[r, start : start + n] = docs[-1][2], i
             positions[r, start : start + n] = torch.arange(n)
             start += n
-    assert (model_module._Documents.of(segments) is not None) == grid
+    assert (fast_module.Documents.of(segments) is not None) == grid
     probe = torch.randn(2, 12, 128, generator=g) * (segments >= 0)[..., None]  # no loss on padding
 
     packed = model(ids, positions=positions, segment_ids=segments)
@@ -167,28 +176,30 @@ def test_a_packed_batch_trains_as_its_documents_apart(rows, grid, scores, name, 
         assert (p.grad - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6
 
 
-def test_packed_logits_at_chosen_positions_skip_padding():
+def test_packed_logprobs_at_chosen_positions_skip_padding():
     model = Transformer(nano_config("llama-gqa-untied"))
     model.init_weights(generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
     segments = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, -1, -1]])
     keep = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    positions = torch.zeros_like(ids)
     with torch.no_grad():
-        full = model(ids, positions=torch.zeros_like(ids), segment_ids=segments)
-        chosen = model(ids, positions=torch.zeros_like(ids), segment_ids=segments, logits_mask=keep)
+        full = model(Logprobs(ids, ids, positions=positions, segment_ids=segments))
+        chosen = model(Logprobs(ids, ids[keep], positions=positions, segment_ids=segments, where=keep))
         assert torch.allclose(chosen, full[keep], rtol=0, atol=1e-6)
         with pytest.raises(ValueError, match="padding"):
-            model(ids, positions=torch.zeros_like(ids), segment_ids=segments, logits_mask=segments < 0)
+            model(Logprobs(ids, ids[segments < 0], positions=positions, segment_ids=segments, where=segments < 0))
         with pytest.raises(ValueError, match="every position is padding"):
             model(ids, segment_ids=torch.full_like(ids, -1))
 
 
 @pytest.mark.parametrize("layout", ["grid", "packed rows", "padded"])
-def test_logits_at_chosen_positions_train_as_the_full_forward_with_a_smaller_last_layer(layout):
+def test_logprobs_at_chosen_positions_train_as_the_full_forward_with_a_smaller_last_layer(layout, monkeypatch):
     model = Transformer(nano_config("qwen2-bias-tied"))
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 128, (2, 12), generator=g)
+    targets = torch.randint(0, 128, (2, 12), generator=g)
     if layout == "padded":
         real = torch.ones(2, 12, dtype=torch.bool)
         real[1, :4] = False
@@ -198,16 +209,17 @@ def test_logits_at_chosen_positions_train_as_the_full_forward_with_a_smaller_las
         segments = torch.full((2, 12), -1)
         for r, lengths in enumerate(rows):
             segments[r, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        assert (model_module._Documents.of(segments) is not None) == (layout == "grid")
+        assert (fast_module.Documents.of(segments) is not None) == (layout == "grid")
         real, kwargs = segments >= 0, dict(segment_ids=segments)
     keep = (torch.rand(2, 12, generator=g) < 0.5) & real
     seen = []
-    model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
-    chosen = model(ids, logits_mask=keep, **kwargs)
-    assert seen == [int(keep.sum())]  # the last layer's MLP ran at the chosen positions alone
+    mlp = fast_module.mlp
+    monkeypatch.setattr(fast_module, "mlp", lambda m, x: seen.append(x.shape[:-1].numel()) or mlp(m, x))
+    chosen = model(Logprobs(ids, targets[keep], where=keep, **kwargs))
+    assert seen[-1] == int(keep.sum())  # the last layer's MLP ran at the chosen positions alone
     weights = torch.randn(chosen.shape, generator=g)
     grads = torch.autograd.grad((chosen * weights).sum(), list(model.parameters()))
-    full = model(ids, **kwargs)[keep]
+    full = model(Logprobs(ids, targets, **kwargs))[keep]
     assert (chosen - full).abs().max().item() < TOL
     want = torch.autograd.grad((full * weights).sum(), list(model.parameters()))
     for a, b in zip(grads, want):
@@ -225,50 +237,58 @@ def shared_prompt_batch(vocab: int):
     return prompts, which, rows, SharedPrefix(ids, mask, torch.tensor(which))
 
 
+def alone(model, prompt, row, target):
+    """Logprobs of `target` after the prompt's last position and each of the row's tokens, the
+    prompt and row run as one sequence."""
+    ids = torch.cat([torch.tensor(prompt), row])[None]
+    return model(Logprobs(ids, torch.cat([torch.zeros(len(prompt) - 1, dtype=torch.long), target])[None]))[
+        0, len(prompt) - 1 :]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-bias-tied", "qwen3-qknorm-headdim"])
-def test_shared_prefix_equals_each_row_with_its_prompt(name):
-    model = Transformer(nano_config(name))
+def test_shared_prefix_equals_each_row_with_its_prompt(name, impl):
+    model = Transformer(nano_config(name), impl=impl)
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
     prompts, which, rows, prefix = shared_prompt_batch(model.config.vocab_size)
-    shared = model(rows, prefix=prefix)  # [5, 1 + 6, V]
-    assert shared.shape[:2] == (5, 7)
+    targets = torch.randint(0, model.config.vocab_size, (5, 7), generator=torch.Generator().manual_seed(4))
+    shared = model(PrefixLogprobs(prefix, rows, targets))  # [5, 1 + 6]
+    assert shared.shape == (5, 7)
     for i, p in enumerate(which):
-        full = model(torch.cat([torch.tensor(prompts[p]), rows[i]])[None])[0, len(prompts[p]) - 1 :]
-        assert (shared[i] - full).abs().max().item() < TOL
+        assert (shared[i] - alone(model, prompts[p], rows[i], targets[i])).abs().max().item() < TOL
     # Gradients too: the prompt computed once must collect the gradient of every row continuing it.
     weights = torch.randn(shared.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((shared * weights).sum(), list(model.parameters()))
-    full = torch.cat([model(torch.cat([torch.tensor(prompts[p]), rows[i]])[None])[:, len(prompts[p]) - 1 :]
-                      for i, p in enumerate(which)])
+    full = torch.stack([alone(model, prompts[p], rows[i], targets[i]) for i, p in enumerate(which)])
     want = torch.autograd.grad((full * weights).sum(), list(model.parameters()))
     for g, w in zip(grads, want):
         assert (g - w).abs().max().item() < 1e-4 * max(1.0, w.abs().max().item())
 
 
-def test_shared_prefix_with_no_row_tokens_gives_the_logits_after_each_prompt():
-    model = Transformer(nano_config("qwen2-mha-untied")).eval()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shared_prefix_with_no_row_tokens_gives_the_logprobs_after_each_prompt(impl):
+    model = Transformer(nano_config("qwen2-mha-untied"), impl=impl).eval()
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
     prompts, which, rows, prefix = shared_prompt_batch(model.config.vocab_size)
+    targets = torch.arange(5)[:, None]
     with torch.no_grad():
-        out = model(rows[:, :0], prefix=prefix)
-        after = [model(torch.tensor([p]))[0, -1] for p in prompts]
-    assert out.shape[:2] == (5, 1)
+        out = model(PrefixLogprobs(prefix, rows[:, :0], targets))
+        after = [torch.log_softmax(model(torch.tensor([p]))[0, -1], -1) for p in prompts]
+    assert out.shape == (5, 1)
     for i, p in enumerate(which):
-        assert (out[i, 0] - after[p]).abs().max().item() < TOL
-    with pytest.raises(ValueError, match="prefix= takes no"):
-        model(rows, prefix=prefix, attention_mask=torch.ones_like(rows))
+        assert (out[i, 0] - after[p][i]).abs().max().item() < TOL
 
 
-def test_logits_mask_gives_the_selected_positions_only():
+def test_logprobs_where_gives_the_selected_positions_only():
     model = Transformer(nano_config("llama-gqa-untied")).eval()
     model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
     ids, mask = padded_batch(model.config.vocab_size)
     keep = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.4
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, logits_mask=keep)
-        full = model(ids, attention_mask=mask)
-    assert out.shape == (int(keep.sum()), model.config.vocab_size)
-    assert torch.equal(out, full[keep])
+        out = model(Logprobs(ids, ids[keep], attention_mask=mask, where=keep))
+        full = model(Logprobs(ids, ids, attention_mask=mask))
+    assert out.shape == (int(keep.sum()),)
+    torch.testing.assert_close(out, full[keep], rtol=0, atol=1e-6)
 
 
 def test_llama3_rope_scaling_changes_only_low_frequencies():
@@ -281,13 +301,13 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
 
 def test_unsupported_config_values_are_named():
     with pytest.raises(ValueError, match="model_type 'mistral' is not supported; supported: llama, qwen2, qwen3"):
-        ModelConfig.from_hf({"model_type": "mistral"})
+        config_from_hf({"model_type": "mistral"})
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
-        ModelConfig.from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
-        ModelConfig.from_hf({"model_type": "qwen2", "hidden_act": "gelu"})
+        config_from_hf({"model_type": "qwen2", "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="use_sliding_window"):
-        ModelConfig.from_hf({"model_type": "qwen2", "use_sliding_window": True})
+        config_from_hf({"model_type": "qwen2", "use_sliding_window": True})
 
 
 def test_sequence_longer_than_context_is_a_clear_error():

@@ -26,7 +26,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..model import KVCache, Transformer, additive_mask, apply_rope
+from ..model import KVCache, Transformer
+from .fused import rotate_pairs
+from .transformer import additive_mask, rms_norm
 
 PACK_LIMIT_BYTES = 1 << 30
 
@@ -126,10 +128,10 @@ class PackedWeights:
             attn = block.self_attn
             qkv = self._norm_matmul(x, block.input_layernorm, w.qkv, w.qkv_bias)  # [B, (H + 2 KV) D]
             if cfg.qk_norm:
-                q = apply_rope(attn.q_norm(qkv[:, : H * D].view(B, H, D)), cos, sin)
-                k = apply_rope(attn.k_norm(qkv[:, H * D : (H + KV) * D].view(B, KV, D)), cos, sin)
+                q = rotate_pairs(rms_norm(attn.q_norm, qkv[:, : H * D].view(B, H, D)), cos, sin)
+                k = rotate_pairs(rms_norm(attn.k_norm, qkv[:, H * D : (H + KV) * D].view(B, KV, D)), cos, sin)
             else:  # queries and keys side by side: one rotation for both
-                qk = apply_rope(qkv[:, : (H + KV) * D].view(B, H + KV, D), cos, sin)
+                qk = rotate_pairs(qkv[:, : (H + KV) * D].view(B, H + KV, D), cos, sin)
                 q, k = qk[:, :H], qk[:, H:]
             cache.k[i, :, :, s] = k
             cache.v[i, :, :, s] = qkv[:, (H + KV) * D :].view(B, KV, D)
@@ -146,8 +148,9 @@ class PackedWeights:
 
 def decoder(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]:
     """A function (tokens [B, 1], positions [B, 1], cache) -> logits [B, vocab] for decoding:
-    through packed weights when their copy is at most PACK_LIMIT_BYTES, else the model's forward."""
+    through packed weights when their copy is at most PACK_LIMIT_BYTES, else (or with
+    impl="reference") the model's forward."""
     size = PackedWeights.size(model)
-    if size is not None and size <= PACK_LIMIT_BYTES:
+    if model.impl == "fast" and size is not None and size <= PACK_LIMIT_BYTES:
         return PackedWeights(model).step
     return lambda tokens, positions, cache: model(tokens, positions=positions, cache=cache)[:, -1]

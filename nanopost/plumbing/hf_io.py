@@ -7,6 +7,7 @@ pickles. What `save_model` writes loads in transformers, and the other way round
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..model import ModelConfig, Transformer
+from ..model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, ModelConfig, Transformer, rope_type_of
 from .files import read_json, write_atomic
 
 SINGLE_FILE = "model.safetensors"
@@ -33,9 +34,85 @@ def load_tokenizer(path: str | os.PathLike, *, chat_format: str | None = None):
     return Tokenizer.from_dir(path, chat_format=chat_format)
 
 
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Read a transformers config dict, refusing values this model would silently get wrong."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported; supported: 'silu'")
+    if hf.get("use_sliding_window", False):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported; only full attention is")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"{source}: layer_types {sorted(layer_types)} not supported; only 'full_attention'")
+    if hf.get("pretraining_tp", 1) != 1:
+        raise ValueError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported; only 1")
+    # transformers >= 5 nests theta and scaling in rope_parameters; older files use two keys.
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = rope if rope else hf.get("rope_scaling")
+    if scaling is not None and rope_type_of(scaling) == "default":
+        scaling = None
+    if scaling is not None and rope_type_of(scaling) not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"{source}: rope type {rope_type_of(scaling)!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+    if model_type == "qwen2" and hf.get("attention_bias") is False:
+        raise ValueError(f"{source}: qwen2 without q/k/v bias is not supported")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    kwargs = {k: hf[k] for k in known if k in hf and k not in ("rope_theta", "rope_scaling")}
+    if model_type == "qwen2":
+        kwargs.pop("attention_bias", None)
+    kwargs.update(rope_theta=float(theta), rope_scaling=scaling)
+    try:
+        return ModelConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A config.json that transformers (4.x and 5.x) reads as the same model."""
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    out: dict[str, Any] = {
+        "architectures": [arch[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "use_cache": True,
+    }
+    if cfg.model_type != "qwen2":
+        out["attention_bias"] = cfg.attention_bias
+    if cfg.model_type == "llama":
+        out["mlp_bias"] = cfg.mlp_bias
+    else:
+        out["use_sliding_window"] = False
+    return out
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     file = Path(path) / "config.json"
-    return ModelConfig.from_hf(read_json(file), source=str(file))
+    return config_from_hf(read_json(file), source=str(file))
 
 
 def weight_files(root: Path) -> dict[str, Path]:
@@ -146,7 +223,7 @@ def save_model(
         if not (cfg.tie_word_embeddings and n == "lm_head.weight")
     }
     dtype_name = {v: k for k, v in DTYPES.items()}[next(iter(state.values())).dtype]
-    hf = {**cfg.to_hf(), "torch_dtype": dtype_name, "dtype": dtype_name}
+    hf = {**config_to_hf(cfg), "torch_dtype": dtype_name, "dtype": dtype_name}
     write_atomic(root / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2) + "\n"))
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", cfg.pad_token_id)) if v is not None}

@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from ..data import DataError, _is_number, _json_type, read_jsonl, tokenize_chat
 from ..model import ModelConfig, Transformer
 from ..plumbing.files import read_json, write_atomic
-from ..plumbing.hf_io import DTYPES, INDEX_FILE, SINGLE_FILE, read_tensors, weight_files
+from ..plumbing.hf_io import DTYPES, INDEX_FILE, SINGLE_FILE, config_from_hf, config_to_hf, read_tensors, weight_files
 from ..plumbing.runtime import autocast, make_optimizer
 from ..plumbing.tokenizer import Tokenizer
 from ..schedules import lr_at, set_lr
@@ -116,7 +116,7 @@ def last_real_token(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _reward_config(rm: RewardModel, pad_token_id: int | None, dtype_name: str) -> dict[str, Any]:
-    hf = rm.config.to_hf()
+    hf = config_to_hf(rm.config)
     arch = hf["architectures"][0].removesuffix("ForCausalLM") + "ForSequenceClassification"
     pad = pad_token_id if pad_token_id is not None else rm.config.pad_token_id
     hf.update(
@@ -197,7 +197,7 @@ def load_reward_model(
     file = root / "config.json"
     hf = read_json(file)
     _check_reward_config(hf, file)
-    cfg = ModelConfig.from_hf(hf, source=str(file))
+    cfg = config_from_hf(hf, source=str(file))
     with torch.device("meta"):
         rm = RewardModel(Transformer(cfg))
     expected = {name.removeprefix("backbone."): (name, t.shape) for name, t in rm.state_dict().items()}

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..data import read_jsonl, tokenize_prompt
+from ..model import Logprobs
 from ..plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from ..plumbing.hf_io import load_model, load_tokenizer
 from ..plumbing.runtime import pick_device
@@ -165,7 +166,7 @@ class ModelScorer:
         was_training = self.model.training
         self.model.eval()
         ids, mask = ids.to(device), mask.to(device)
-        logp = self.model(ids[:, :-1], attention_mask=mask[:, :-1], targets=ids[:, 1:])  # [B, T-1]
+        logp = self.model(Logprobs(ids[:, :-1], ids[:, 1:], attention_mask=mask[:, :-1]))  # [B, T-1]
         self.model.train(was_training)
         out = []
         for i, (p, a) in enumerate(pairs):
