@@ -1,11 +1,12 @@
 """Which prompts the GRPO loop trains on next: uniform, staged easy -> hard, or the unstable ones.
 
-The loop talks to a sampler through five methods, so a curriculum is a drop-in replacement:
+The loop talks to a sampler through six methods, so a curriculum is a drop-in replacement:
 
     sample(n, step) -> list of records      the prompts for this step
     update(records, pass_rates, step)       what the last rollouts showed (fraction correct per prompt)
     state_dict() / load_state_dict(state)   so a resumed run draws exactly the same prompts
     metrics() -> dict                       logged with each step
+    stage_settings(step) -> dict            a temperature or group size of its own, if any
 
 `UniformSampler` walks through the data in a fresh seeded shuffle each epoch.
 
@@ -73,6 +74,7 @@ class PromptSampler(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def metrics(self) -> dict[str, float]: ...
+    def stage_settings(self, step: int) -> dict[str, Any]: ...
 
 
 class UniformSampler:
@@ -119,6 +121,9 @@ class UniformSampler:
 
     def metrics(self) -> dict[str, float]:
         return {"epoch": float(self.epoch)}
+
+    def stage_settings(self, step: int) -> dict[str, Any]:
+        return {}  # the schedule's temperature and the configured group size
 
 
 # ---------------------------------------------------------------- difficulty

@@ -67,18 +67,17 @@ from .plumbing import distributed, interrupt
 from .plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .plumbing.config import is_finite, require
 from .plumbing.hf_io import load_config, load_model, load_tokenizer, save_model
-from .plumbing.metrics import MetricsLogger, Progress, read_metrics
 from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
-from .plumbing.run_summary import stop_tokens_line, summary_lines
+from .plumbing.run_summary import stop_tokens_line
 from .plumbing.runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
 from .plumbing.tokenizer import Tokenizer
-from .plumbing.training_checkpoint import checkpoint_path, prepare_training, save_checkpoint, start_run
+from .plumbing.run import STOP_ON_HELP, Run, check_stop_on
+from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
 from .plumbing.user_rewards import load_reward_fns, parse_spec
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .schedules import lr_at, set_lr, temperature_at
 from .tasks import TASKS, get_task
-from .tools.monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
 
 
 # What --importance gives clip_low, clip_high and agg when they are left unset (None):
@@ -743,90 +742,155 @@ def prompt_key(record: dict):
     return record["prompt"] if messages is None else json.dumps(messages, sort_keys=True)
 
 
-@interrupt.stop_on_signals()
-def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=print,
-               extra_rewards: dict[str, Callable] | None = None, check: Callable | None = None) -> dict:
-    """Run GRPO as configured; returns the last eval row merged with the last train row.
+@dataclass
+class Prompts:
+    """The training and held-out records, and each one's rendered prompt by prompt_key."""
 
-    Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
-    `last` is saved every --save-every steps (0: at every --eval-every step), at the end, and when
-    Ctrl-C or SIGTERM ends the run after the current step (nanopost.plumbing.interrupt); `best` whenever a
-    held-out evaluation's accuracy beats every earlier one.
-    """
-    dist, run, resume_from, log = start_run(cfg, log)
-    device = dist.device
+    records: list[dict]
+    ids: dict[str, list[int]]
+    val_records: list[dict]
+    val_ids: dict[str, list[int]]
 
-    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
-    log(stop_tokens_line(tokenizer))
-    template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
-    # The data is read and checked before the model is loaded, so a bad line costs no time.
+
+def load_prompts(cfg: GRPOConfig, tokenizer: Tokenizer, template: PromptTemplate) -> Prompts:
+    """Read and render both files, each prompt checked against the model's context, all before the
+    model is loaded, so a bad line costs no time."""
     records = load_rl(cfg.train)
     if cfg.prompts_per_step > len(records):
         raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} is more than the {len(records)} prompt(s) in "
                          f"{cfg.train}: a step would draw the same prompt twice; lower --prompts-per-step "
                          f"to at most {len(records)}")
     context = load_config(cfg.model).max_position_embeddings
-    train_prompts = tokenize_prompts(tokenizer, template, cfg.train, records, cfg.max_new_tokens, context)
+    ids = tokenize_prompts(tokenizer, template, cfg.train, records, cfg.max_new_tokens, context)
     val_records = load_rl(cfg.val)[: cfg.eval_samples] if cfg.val else []
-    val_prompts = tokenize_prompts(tokenizer, template, cfg.val, val_records, cfg.max_new_tokens, context)
+    val_ids = tokenize_prompts(tokenizer, template, cfg.val, val_records, cfg.max_new_tokens, context)
+    return Prompts(records, ids, val_records, val_ids)
+
+
+def load_policy(cfg: GRPOConfig, device) -> tuple[Transformer, Transformer | None]:
+    """The policy to train, and with beta > 0 a frozen copy of it as the KL reference."""
+    policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+    policy.grad_checkpointing = cfg.grad_checkpointing  # the update's forwards alone record gradients
+    release_memory_in_backward(policy, device)
+    return policy, reference
+
+
+def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[float, int]:
+    """This step's sampling temperature and group size: the schedule's, unless a curriculum stage
+    sets its own ("hotter late" in one line)."""
+    settings = sampler.stage_settings(step)
+    if "temperature" in settings:
+        temperature = settings["temperature"]
+    else:
+        temperature = temperature_at(step, cfg.steps, kind=cfg.temperature_schedule, start=cfg.temperature,
+                                     end=cfg.temperature if cfg.temperature_end is None else cfg.temperature_end,
+                                     stages=cfg.temperature_stages or None)
+    return temperature, settings.get("group_size", cfg.group_size)
+
+
+def sample_rollouts(policy: Transformer, tokenizer: Tokenizer, template: PromptTemplate, prompts: Prompts,
+                    sampler: PromptSampler, scorer: RewardScorer, cfg: GRPOConfig, temperature: float,
+                    generator: torch.Generator, dist: distributed.Dist, step: int
+                    ) -> tuple[Rollouts, list[Rollouts], int]:
+    """One step's rollouts, with dynamic sampling: a group whose rewards all agree has advantage 0
+    everywhere and teaches nothing, so "filter" drops it and "refill" also draws more prompts, up
+    to max_refill_rounds times, to replace it. Returns (all that was sampled, the groups kept, the
+    number dropped). cfg carries this step's group size."""
+    G = cfg.group_size
+    sampled, kept, n_zero = [], [], 0
+    want = cfg.prompts_per_step
+    for _ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling == "refill" else 0)):
+        records = sampler.sample(want, step)
+        # Rendered at the start; a sampler given by the caller may hold prompts of its own.
+        prompt_ids = [prompts.ids.get(prompt_key(r)) or tokenize_prompt(tokenizer, template.record_messages(r))
+                      for r in records]
+        ro = collect_global(policy, tokenizer, records, prompt_ids, scorer, cfg, temperature, generator, dist)
+        sampler.update(records, _pass_rates(ro, G), step)
+        zero = zero_variance_groups(ro.rewards, G)
+        n_zero += sum(zero)
+        sampled.append(ro)
+        if cfg.dynamic_sampling != "off":
+            ro = ro.select_groups([g for g, z in enumerate(zero) if not z], G)
+        if ro.records:
+            kept.append(ro)
+        want -= len(ro.records)
+        if want <= 0:
+            break
+    return Rollouts.concat(sampled), kept, n_zero
+
+
+def restore(saved: dict, resume_from, sampler: PromptSampler, generator: torch.Generator,
+            reference: Transformer | None, scorer: RewardScorer, dist: distributed.Dist, log) -> None:
+    """Put back what a checkpoint saved besides the weights and the optimizer: the sampler's
+    state, each process's sampling stream, the reference model, the reward statistics."""
+    sampler.load_state_dict(saved["sampler"])
+    streams = saved.get("sample_rng", [])
+    if dist.rank < len(streams):
+        generator.set_state(streams[dist.rank])
+    if len(streams) != dist.world:
+        log(f"{resume_from} was saved by {len(streams)} process(es), this run has {dist.world}: sampling "
+            "streams without a saved state start afresh, so the run continues but not bit for bit")
+    if reference is not None and (resume_from / "reference").is_dir():
+        reference.load_state_dict(load_model(resume_from / "reference", device=dist.device).state_dict())
+    # Reward statistics (a model reward's running mean and std), one set per process since each
+    # scores its own groups; a process the saved run did not have starts from rank 0's.
+    reward_states = saved.get("reward_state", [])
+    if reward_states:
+        scorer.load_state_dict(reward_states[dist.rank if dist.rank < len(reward_states) else 0])
+
+
+@interrupt.stop_on_signals()
+def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=print,
+               extra_rewards: dict[str, Callable] | None = None, check: Callable | None = None,
+               monitor=None) -> dict:
+    """Run GRPO as configured; returns the last eval row merged with the last train row.
+
+    Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
+    `last` is saved every --save-every steps (0: at every --eval-every step), at the end, and when
+    Ctrl-C or SIGTERM ends the run after the current step (plumbing/interrupt.py); `best` whenever a
+    held-out evaluation's accuracy beats every earlier one. monitor: what watches the metrics as
+    they come (plumbing/run.py; the script passes LiveMonitor).
+    """
+    run = Run(cfg, log, monitor)
+    log, dist, device = run.log, run.dist, run.device
+    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
+    log(stop_tokens_line(tokenizer))
+    template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
+    prompts = load_prompts(cfg, tokenizer, template)
     # Rewards and the sampler come from the data before the model loads: a bad stage or reward
     # function costs no time.
     task = get_task(cfg.task) if cfg.task else None
-    weights, reward_fns = reward_setup(cfg, task, records, log)
-    sampler = sampler or make_sampler(cfg, records)
-    policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
-    reference = None
-    if cfg.beta > 0:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    policy.grad_checkpointing = cfg.grad_checkpointing  # the update's forwards alone record gradients
-    release_memory_in_backward(policy, device)
-    scorer = RewardScorer(weights, cfg.reward_mode,
-                          {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
+    weights, reward_fns = reward_setup(cfg, task, prompts.records, log)
+    sampler = sampler or make_sampler(cfg, prompts.records)
+    policy, reference = load_policy(cfg, device)
+    scorer = RewardScorer(weights, cfg.reward_mode, {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
     if check is None and task is not None:
         check = lambda completion, item: task.check(completion, item.record)  # noqa: E731
-    eval_items = [EvalItem(val_prompts[prompt_key(r)], r["answer"], r.get("difficulty"), r) for r in val_records]
-
-    # Each rank samples its own completions; rank 0's stream is the single-process one.
+    eval_items = [EvalItem(prompts.val_ids[prompt_key(r)], r["answer"], r.get("difficulty"), r)
+                  for r in prompts.val_records]
+    # Each process samples its own completions; rank 0's stream is the single-process one.
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
-    wrapped, optimizer, extra = prepare_training(policy, cfg, dist, resume_from)
-    step, best = extra.get("step", 0), extra.get("best_accuracy", -math.inf)
-    if resume_from is not None:
-        sampler.load_state_dict(extra["sampler"])
-        streams = extra.get("sample_rng", [])
-        if dist.rank < len(streams):
-            generator.set_state(streams[dist.rank])
-        if len(streams) != dist.world:
-            log(f"{resume_from} was saved by {len(streams)} process(es), this run has {dist.world}: sampling "
-                "streams without a saved state start afresh, so the run continues but not bit for bit")
-        if reference is not None and (resume_from / "reference").is_dir():
-            reference.load_state_dict(load_model(resume_from / "reference", device=device).state_dict())
-        # Reward statistics (a model reward's running mean and std), one set per rank since each
-        # scores its own groups; a rank the saved run did not have starts from rank 0's.
-        reward_states = extra.get("reward_state", [])
-        if reward_states:
-            scorer.load_state_dict(reward_states[dist.rank if dist.rank < len(reward_states) else 0])
-        log(f"resumed from {resume_from} at step {step}")
-    data = (f"{len(records):,} prompts ({sum(len(train_prompts[prompt_key(r)]) for r in records):,} prompt tokens), "
-            f"{len(val_records):,} held-out; {cfg.steps - step} steps to run, "
-            f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples of up to {cfg.max_new_tokens} tokens each")
-    for line in summary_lines(run=run, resume_from=resume_from, step=step, data=data, model=policy, device=device,
-                              precision=cfg.precision):
-        log(line)
-    metrics = MetricsLogger(run, resume_step=step, fresh=resume_from is None, write=dist.main)
-    # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
-    monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
+    trained, optimizer, saved = run.prepare(policy)
+    step, best = saved.get("step", 0), saved.get("best_accuracy", -math.inf)
+    if run.resume_from is not None:
+        restore(saved, run.resume_from, sampler, generator, reference, scorer, dist, log)
+    prompt_tokens = sum(len(prompts.ids[prompt_key(r)]) for r in prompts.records)
+    run.begin(step, cfg.steps, f"{len(prompts.records):,} prompts ({prompt_tokens:,} prompt tokens), "
+              f"{len(prompts.val_records):,} held-out; {cfg.steps - step} steps to run, {cfg.prompts_per_step} "
+              f"prompts x {cfg.group_size} samples of up to {cfg.max_new_tokens} tokens each", policy)
 
     def save(name: str) -> None:
-        streams = dist.gather(generator.get_state())  # collectives: every rank takes part
+        streams = dist.gather(generator.get_state())  # collectives: every process takes part
         reward_states = dist.gather(scorer.state_dict())
         whole = distributed.full_state(policy, optimizer, dist)
         if not dist.main:
             return
-        save_checkpoint(checkpoint_path(run, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
+        save_checkpoint(checkpoint_path(run.dir, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
                         extra={"step": step, "sampler": sampler.state_dict(), "sample_rng": streams,
                                "reward_state": reward_states, "best_accuracy": best})
         if reference is not None and cfg.ref_reset_every:
-            save_model(reference, checkpoint_path(run, name) / "reference")
+            save_model(reference, checkpoint_path(run.dir, name) / "reference")
 
     def run_eval() -> dict:
         nonlocal best
@@ -836,101 +900,57 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
                            log=log)
         row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
         row.update({f"accuracy_level_{k}": v for k, v in res["per_difficulty"].items()})
-        monitor.observe(metrics.log(row))
+        run.record(row)
         log(f"eval step {step}: accuracy {res['accuracy']:.3f} [{res['accuracy_lo']:.3f}, {res['accuracy_hi']:.3f}]"
             + (f", avg@{cfg.eval_k} {res[f'avg@{cfg.eval_k}']:.3f}" if cfg.eval_k else ""))
         if dist.broadcast(res["accuracy"] > best):
             best = res["accuracy"]
-            # The evaluation before step 1 only sets the bar: that model is --model itself.
-            if step > 0:
+            if step > 0:  # the evaluation before step 1 only sets the bar: that model is --model itself
                 save("best")
         return row
 
-    progress = Progress(cfg.steps, start_step=step)
-    last_eval: dict = {}
-    row: dict = {}
+    total, last_eval, row = cfg.steps, {}, {}
     if eval_items and step == 0 and cfg.eval_every:
         last_eval = run_eval()
-    while step < cfg.steps:
+    while step < total:
         t0 = time.perf_counter()
-        # A curriculum stage may set its own temperature and group size ("hotter late" in one line).
-        settings = sampler.stage_settings(step) if hasattr(sampler, "stage_settings") else {}
-        temperature = settings["temperature"] if "temperature" in settings else temperature_at(
-            step, cfg.steps, kind=cfg.temperature_schedule, start=cfg.temperature,
-            end=cfg.temperature if cfg.temperature_end is None else cfg.temperature_end,
-            stages=cfg.temperature_stages or None)
-        G = settings.get("group_size", cfg.group_size)
+        temperature, G = step_settings(cfg, sampler, step)
         step_cfg = cfg if G == cfg.group_size else dataclasses.replace(cfg, group_size=G)
         lr = lr_at(step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
                    kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-
         # 1. rollouts, with dynamic sampling
-        sampled, kept, n_zero = [], [], 0
-        want = cfg.prompts_per_step
-        for _ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling == "refill" else 0)):
-            recs = sampler.sample(want, step)
-            # Tokenized at the start; a sampler given by the caller may hold prompts of its own.
-            prompt_ids = [train_prompts.get(prompt_key(r)) or tokenize_prompt(tokenizer, template.record_messages(r))
-                          for r in recs]
-            ro = collect_global(policy, tokenizer, recs, prompt_ids, scorer, step_cfg, temperature, generator, dist)
-            sampler.update(recs, _pass_rates(ro, G), step)
-            zero = zero_variance_groups(ro.rewards, G)
-            n_zero += sum(zero)
-            sampled.append(ro)
-            if cfg.dynamic_sampling != "off":
-                ro = ro.select_groups([g for g, z in enumerate(zero) if not z], G)
-            if ro.records:
-                kept.append(ro)
-            want -= len(ro.records)
-            if want <= 0:
-                break
-        rollouts = Rollouts.concat(sampled)
-
+        rollouts, kept, n_zero = sample_rollouts(policy, tokenizer, template, prompts, sampler, scorer, step_cfg,
+                                                 temperature, generator, dist, step)
         # 2. update (skipped when every group was dropped: there is no signal to learn from)
         tu = time.perf_counter()
         update_stats: dict = {}
         if kept:
             batch = Rollouts.concat(kept)
-            adv = group_advantages(batch.rewards, G, scale=cfg.adv_scale)
-            update_stats = update_policy(policy, reference, optimizer, batch, adv, step_cfg, temperature, device,
-                                         dist=dist, wrapped=wrapped)
+            advantages = group_advantages(batch.rewards, G, scale=cfg.adv_scale)
+            update_stats = update_policy(policy, reference, optimizer, batch, advantages, step_cfg, temperature,
+                                         device, dist=dist, wrapped=trained)
         t_update = time.perf_counter() - tu
         step += 1
         # A function of the step alone, so a resumed run resets at the same steps.
         if reference is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0:
             reference.load_state_dict(distributed.full_weights(policy))
-
-        # 3. metrics
-        n_groups = len(rollouts.records)
+        # 3. metrics, evaluation, checkpoints
         row = step_metrics(rollouts)
-        row.update(kind="train", step=step, lr=lr, temperature=temperature, group_size=G, zero_std_frac=n_zero / n_groups,
-                   groups_kept=sum(len(p.records) for p in kept), groups_sampled=n_groups,
-                   time_generate=rollouts.seconds["generate"], time_score=rollouts.seconds["score"],
-                   time_update=t_update, time_step=time.perf_counter() - t0,
+        row.update(kind="train", step=step, lr=lr, temperature=temperature, group_size=G,
+                   zero_std_frac=n_zero / len(rollouts.records), groups_kept=sum(len(p.records) for p in kept),
+                   groups_sampled=len(rollouts.records), time_generate=rollouts.seconds["generate"],
+                   time_score=rollouts.seconds["score"], time_update=t_update, time_step=time.perf_counter() - t0,
                    **update_stats, **{f"sampler_{k}": v for k, v in sampler.metrics().items()})
         row["tok_per_s"] = rollouts.mask.sum().item() / row["time_step"]
-        monitor.observe(metrics.log(row))
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log(progress.line(step, reward=row["reward_mean"], **({"acc": row["reward_accuracy_mean"]}
-                if "reward_accuracy_mean" in row else {}), T=temperature, len=row["len_mean"],
-                zero_std=row["zero_std_frac"], tok_per_s=row["tok_per_s"]))
-        stop_if_diverged(row, cfg.lr)  # before any evaluation or checkpoint of non-finite weights
-        if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+        if step % cfg.log_every == 0 or step == total:
+            accuracy = {"acc": row["reward_accuracy_mean"]} if "reward_accuracy_mean" in row else {}
+            log(run.progress.line(step, reward=row["reward_mean"], **accuracy, T=temperature, len=row["len_mean"],
+                                  zero_std=row["zero_std_frac"], tok_per_s=row["tok_per_s"]))
+        run.record(row)
+        if eval_items and run.eval_due(step, total):
             last_eval = run_eval()
-        should_stop = dist.broadcast(monitor.should_stop)  # rank 0 watches; every rank stops together
-        signum = max(dist.gather(interrupt.requested()))  # a signal to any rank stops them all here
-        if signum and step < cfg.steps:
-            save("last")
-            interrupt.stop_run(signum, step, checkpoint_path(run, "last"), cfg, log)
-        eval_due = cfg.eval_every and step % cfg.eval_every == 0
-        if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and eval_due) or step == cfg.steps \
-                or should_stop:
-            save("last")
-        if should_stop:
-            if dist.main:
-                log(f"stopping at step {step}: {monitor.stop_reason.code} is in --stop-on")
-            break
+        total = run.end_step(step, total, save)
     return {**row, **last_eval}
 
 

@@ -56,7 +56,8 @@ _MAX_BOX_CHARS = 1_000      # how far to look for the closing brace of \boxed{
 
 # ------------------------------------------------------------------------------------------ answers
 
-# Written-out markers are looked for only in the tail of the text: regex scans cost ~30 ms per MB, and
+# Written-out markers are looked for only in the tail of the text: a regex scan costs time in
+# proportion to the text it reads, and
 # an "answer" followed by pages of further text is not a final answer anyway.
 _TAIL_CHARS = 20_000
 _HASHES = re.compile(r"####")

@@ -36,15 +36,14 @@ from .data import (Batch, Example, check_prompts_fit, fit_examples, load_sft, lo
                    tokenize_chat, tokenize_prompt, tokenize_text)
 from .eval import EvalItem, evaluate
 from .model import Logprobs, Transformer
-from .plumbing.metrics import MetricsLogger, Progress, read_metrics
 from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
-from .plumbing.run_summary import stop_tokens_line, summary_lines
+from .plumbing.run_summary import stop_tokens_line
 from .plumbing.runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
 from .plumbing.tokenizer import Tokenizer
-from .plumbing.training_checkpoint import checkpoint_path, prepare_training, save_checkpoint, start_run
+from .plumbing.run import STOP_ON_HELP, Run, check_stop_on
+from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
 from .rewards import extract_answer
 from .schedules import lr_at, set_lr
-from .tools.monitor import STOP_ON_HELP, LiveMonitor, check_stop_on, stop_if_diverged
 
 
 @dataclass
@@ -184,104 +183,112 @@ def prepare(tokenizer: Tokenizer, path: str, cfg: SFTConfig, log) -> tuple[list[
     return conversations, examples
 
 
-@interrupt.stop_on_signals()
-def train_sft(cfg: SFTConfig, log=print) -> dict:
-    """Run SFT as configured; returns the final metrics. Writes everything under cfg.out.
+def load_data(cfg: SFTConfig, tokenizer: Tokenizer, log) -> tuple[list[Example], list[Batch], list[EvalItem], int]:
+    """(training examples, held-out batches, held-out accuracy prompts, held-out examples).
 
-    Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
-    Ctrl-C or SIGTERM ends the run after the current step, with `last` saved (nanopost.plumbing.interrupt).
+    What must fit the model's context is checked before the model is loaded: packed rows, and the
+    held-out prompts with the tokens generated after them (they would fail at the first eval).
     """
-    dist, run, resume_from, log = start_run(cfg, log)
-    device = dist.device
-
-    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
-    log(stop_tokens_line(tokenizer))  # what evaluation stops on, and the saved checkpoints declare
-    # What must fit the model's context is checked before the model is loaded: packed rows, and the
-    # held-out prompts with the tokens generated after them (they would fail at the first eval).
     context = load_config(cfg.model).max_position_embeddings
     if cfg.max_len > context:
         raise ValueError(f"--max-len {cfg.max_len} is more than the model's context of {context} positions "
                          f"(max_position_embeddings in {cfg.model}): use --max-len {context} or less")
     _, train_examples = prepare(tokenizer, cfg.train, cfg, log)
-    val_batches, acc_items = [], []
-    if cfg.val:
-        val_convs, val_examples = prepare(tokenizer, cfg.val, cfg, log)
-        val_batches = pack_examples(val_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id)
-        acc_items = accuracy_items(tokenizer, val_convs, cfg.eval_accuracy_samples)
-        if acc_items:
-            check_prompts_fit(cfg.val, {item.record["index"]: len(item.prompt_ids) for item in acc_items},
-                              cfg.max_new_tokens, context)
-    model = load_model(cfg.model, device=device, dtype=torch.float32)
-    model.train()
+    if not cfg.val:
+        return train_examples, [], [], 0
+    val_convs, val_examples = prepare(tokenizer, cfg.val, cfg, log)
+    val_batches = pack_examples(val_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id)
+    acc_items = accuracy_items(tokenizer, val_convs, cfg.eval_accuracy_samples)
+    if acc_items:
+        check_prompts_fit(cfg.val, {item.record["index"]: len(item.prompt_ids) for item in acc_items},
+                          cfg.max_new_tokens, context)
+    return train_examples, val_batches, acc_items, len(val_examples)
+
+
+class DataOrder:
+    """The global order of packed micro-batches: epoch after epoch, each shuffled by (seed, epoch),
+    so the data position (micro-batches consumed) is all a resumed run needs."""
+
+    def __init__(self, examples: list[Example], cfg: SFTConfig, pad_id: int):
+        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
+        self.epoch, self.batches = 0, self.pack(0)
+        self.per_epoch = len(self.batches)
+
+    def pack(self, epoch: int) -> list[Batch]:
+        return pack_examples(self.examples, self.cfg.max_len, self.cfg.batch_rows, pad_id=self.pad_id,
+                             shuffle_seed=self.cfg.seed * 1000 + epoch)
+
+    def take(self, consumed: int, n: int, dist: distributed.Dist) -> list[Batch]:
+        """This rank's share of the n global micro-batches after `consumed`: every world-th one."""
+        micro = []
+        for j in range(n):
+            epoch, index = divmod(consumed + j, self.per_epoch)
+            if epoch != self.epoch:
+                self.epoch, self.batches = epoch, self.pack(epoch)
+            if j % dist.world == dist.rank:
+                micro.append(self.batches[index])
+        return micro
+
+
+@interrupt.stop_on_signals()
+def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
+    """Run SFT as configured; returns the final metrics. Writes everything under cfg.out.
+
+    Under torchrun every process runs this; rank 0 alone logs and writes (see module docstring).
+    Ctrl-C or SIGTERM ends the run after the current step, with `last` saved (plumbing/interrupt.py).
+    monitor: what watches the metrics as they come (plumbing/run.py; the script passes LiveMonitor).
+    """
+    run = Run(cfg, log, monitor)
+    log, dist, device = run.log, run.dist, run.device
+    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
+    log(stop_tokens_line(tokenizer))  # what evaluation stops on, and the saved checkpoints declare
+    train_examples, val_batches, acc_items, n_val = load_data(cfg, tokenizer, log)
+    model = load_model(cfg.model, device=device, dtype=torch.float32).train()
     model.grad_checkpointing = cfg.grad_checkpointing
     release_memory_in_backward(model, device)
-
-    def epoch_batches(epoch: int) -> list[Batch]:
-        return pack_examples(train_examples, cfg.max_len, cfg.batch_rows, pad_id=tokenizer.pad_token_id,
-                             shuffle_seed=cfg.seed * 1000 + epoch)
-
-    batches = epoch_batches(0)
-    per_epoch = len(batches)
+    order = DataOrder(train_examples, cfg, tokenizer.pad_token_id)
     per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / per_step))
-
-    trained, optimizer, extra = prepare_training(model, cfg, dist, resume_from)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.per_epoch / per_step))
+    trained, optimizer, saved = run.prepare(model)
     # consumed: global micro-batches drawn, i.e. the data position
-    step, consumed, best = extra.get("step", 0), extra.get("consumed", 0), extra.get("best_val_loss", math.inf)
-    if resume_from is not None:
-        log(f"resumed from {resume_from} at step {step}")
-    held_out = f", {len(val_examples):,} held-out" if cfg.val else ""
-    data = (f"{len(train_examples):,} examples ({sum(map(len, train_examples)):,} tokens, "
-            f"{sum(e.num_loss_tokens for e in train_examples):,} trained){held_out}; {total_steps - step} steps to run, "
-            f"{per_step} micro-batch(es) of {cfg.batch_rows} x {cfg.max_len} tokens each")
-    for line in summary_lines(run=run, resume_from=resume_from, step=step, data=data, model=model, device=device,
-                              precision=cfg.precision):
-        log(line)
-    metrics = MetricsLogger(run, resume_step=step, fresh=resume_from is None, write=dist.main)
-    # Warnings (overfitting, reward hacking, lr trouble) are printed live; a run stops only if asked.
-    monitor = LiveMonitor(stop_on=cfg.stop_on, log=log, history=read_metrics(run) if step and dist.main else ())
+    step, consumed, best = saved.get("step", 0), saved.get("consumed", 0), saved.get("best_val_loss", math.inf)
+    held_out = f", {n_val:,} held-out" if cfg.val else ""
+    run.begin(step, total, f"{len(train_examples):,} examples ({sum(map(len, train_examples)):,} tokens, "
+              f"{sum(e.num_loss_tokens for e in train_examples):,} trained){held_out}; {total - step} steps to run, "
+              f"{per_step} micro-batch(es) of {cfg.batch_rows} x {cfg.max_len} tokens each", model)
 
-    def checkpoint(name: str, extra_metrics: dict | None = None) -> None:
+    def save(name: str, eval_row: dict | None = None) -> None:
         whole = distributed.full_state(model, optimizer, dist)  # a collective under FSDP2
         if dist.main:
-            save_checkpoint(checkpoint_path(run, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
-                            extra={"step": step, "consumed": consumed, "best_val_loss": best,
-                                   "world": dist.world, "metrics": extra_metrics or {}})
+            save_checkpoint(checkpoint_path(run.dir, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
+                            extra={"step": step, "consumed": consumed, "best_val_loss": best, "world": dist.world,
+                                   "metrics": last_eval if eval_row is None else eval_row})
 
     def run_eval() -> dict:
-        nonlocal best
+        nonlocal best, last_eval
         row: dict = {"kind": "eval", "step": step}
         with distributed.gathered(model):
             if val_batches:
                 row["val_loss"] = held_out_loss(model, val_batches, device, cfg.precision, dist)
             if acc_items:
                 res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens, dist=dist, log=log)
-        if acc_items:
-            row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
-        monitor.observe(metrics.log(row))
+                row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
+        run.record(row)
         if "val_loss" in row and row["val_loss"] < best:
             best = row["val_loss"]
-            checkpoint("best", row)
+            save("best", row)
         log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        last_eval = row
         return row
 
-    progress = Progress(total_steps, start_step=step, max_seconds=cfg.max_seconds)
-    started = time.perf_counter()
-    epoch_of_batches = 0
     last_eval: dict = {}
     row: dict = {}
     t_last, tokens_since = time.perf_counter(), 0
-    while step < total_steps:
-        lr = lr_at(step, base_lr=cfg.lr, total_steps=total_steps, warmup_steps=min(cfg.warmup_steps, total_steps),
+    while step < total:
+        lr = lr_at(step, base_lr=cfg.lr, total_steps=total, warmup_steps=min(cfg.warmup_steps, total),
                    kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-        micro = []
-        for j in range(per_step):
-            epoch, index = divmod(consumed + j, per_epoch)
-            if epoch != epoch_of_batches:
-                batches, epoch_of_batches = epoch_batches(epoch), epoch
-            if j % dist.world == dist.rank:
-                micro.append(batches[index])
+        micro = order.take(consumed, per_step, dist)
         consumed += per_step
         step_loss, n_tokens = accumulate_gradients(trained, micro, device, cfg.precision, dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad).item()
@@ -292,33 +299,15 @@ def train_sft(cfg: SFTConfig, log=print) -> dict:
 
         row = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                "loss_tokens": n_tokens}
-        if step % cfg.log_every == 0 or step == total_steps:
+        if step % cfg.log_every == 0 or step == total:
             now = time.perf_counter()
             row["tok_per_s"] = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
-            log(progress.line(step, loss=step_loss, lr=lr, tok_per_s=row["tok_per_s"]))
-        monitor.observe(metrics.log(row))
-        stop_if_diverged(row, cfg.lr)  # before any evaluation or checkpoint of non-finite weights
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-            if cfg.val:
-                last_eval = run_eval()
-        eval_due = cfg.eval_every and step % cfg.eval_every == 0
-        # Only rank 0 watches the monitor and the clock; every rank must stop at the same step.
-        out_of_time = bool(cfg.max_seconds and time.perf_counter() - started >= cfg.max_seconds)
-        should_stop, out_of_time = dist.broadcast((monitor.should_stop, out_of_time))
-        if should_stop and step < total_steps:
-            if dist.main:
-                log(f"stopping at step {step}: {monitor.stop_reason.code} is in --stop-on")
-            total_steps = step
-        if out_of_time and step < total_steps:
-            log(f"time budget of {cfg.max_seconds:.0f}s reached at step {step}")
-            if cfg.val and not eval_due:
-                last_eval = run_eval()
-            total_steps = step
-        signum = max(dist.gather(interrupt.requested()))  # a signal to any rank stops them all here
-        if signum and step < total_steps:
-            checkpoint("last", last_eval)
-            interrupt.stop_run(signum, step, checkpoint_path(run, "last"), cfg, log)
-        if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and eval_due) or step == total_steps:
-            checkpoint("last", last_eval)
+            log(run.progress.line(step, loss=step_loss, lr=lr, tok_per_s=row["tok_per_s"]))
+        run.record(row)
+        eval_due = run.eval_due(step, total)
+        if eval_due and cfg.val:
+            run_eval()
+        # Out of time between evaluations: evaluate the weights the run ends with.
+        total = run.end_step(step, total, save, on_time_out=run_eval if cfg.val and not eval_due else None)
     return {**last_eval, "step": step, "loss": row.get("loss", math.nan)}

@@ -41,6 +41,7 @@ from nanopost.plumbing.metrics import read_metrics
 from nanopost.prompts import PromptTemplate
 from nanopost.rewards import accuracy_reward
 from nanopost.grpo_loop import GRPOConfig, make_sampler, train_grpo
+from nanopost.tools.monitor import LiveMonitor
 from nanopost.plumbing.runtime import pick_device
 
 ARMS = ("uniform", "curriculum")
@@ -148,7 +149,7 @@ def main() -> None:
                                           curriculum_stages=stages, curriculum_mix_previous=args.mix_previous)
                 sampler = make_sampler(run, records, pass_rates=prior)
             print(f"== {arm}, seed {seed} -> {run.out}")
-            train_grpo(run, sampler=sampler)
+            train_grpo(run, sampler=sampler, monitor=LiveMonitor)
             write_report_table(run.out, counts=counts)
             results[arm].append(summarize(Path(run.out)))
     write_results(out / "results.md", cfg, results, counts, len(records) * args.estimate_k if prior else 0)

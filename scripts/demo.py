@@ -47,7 +47,7 @@ from nanopost.prompts import PromptTemplate
 from nanopost.rewards import sample_reward
 from nanopost.sft_loop import SFTConfig, train_sft
 from nanopost.tasks import get_task, write_jsonl
-from nanopost.tools.monitor import diagnose, format_report
+from nanopost.tools.monitor import LiveMonitor, diagnose, format_report
 from nanopost.tools.plot import plot_runs
 
 TEMPLATE = PromptTemplate(instruction="Solve it.")
@@ -196,7 +196,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     sft_run = root / "sft"
     train_sft(SFTConfig(model=str(base), train=str(files["sft"]), out=str(sft_run), max_len=128, batch_rows=32,
                         max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=20, eval_every=0, log_every=50,
-                        seed=cfg.seed, overwrite=True), log=log)
+                        seed=cfg.seed, overwrite=True), log=log, monitor=LiveMonitor)
     sft_model = checkpoint_path(sft_run, "last")
 
     log("GRPO: accuracy + format + thinking rewards, curriculum easy -> hard, hotter late")
@@ -218,7 +218,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                            {"until": 1.0, "temperature": cfg.temperature_end}])
     t0 = time.perf_counter()
     train_grpo(grpo_cfg,
-               extra_rewards={"thinking": sample_reward("thinking", **THINKING)}, log=log)
+               extra_rewards={"thinking": sample_reward("thinking", **THINKING)}, log=log, monitor=LiveMonitor)
     grpo_seconds = time.perf_counter() - t0
 
     log(f"control: SFT continued for the same wall time ({grpo_seconds:.0f}s)")
@@ -227,7 +227,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                         batch_rows=32, max_steps=10**6, max_seconds=grpo_seconds, lr=cfg.sft_lr * 0.3,
                         schedule="constant", warmup_steps=0, eval_every=0, log_every=100, seed=cfg.seed + 7,
                         overwrite=True),
-              log=log)
+              log=log, monitor=LiveMonitor)
 
     log("evaluating every stage on the held-out split")
     results = {}

@@ -7,10 +7,11 @@
 
 from nanopost.plumbing.config import main_guard, parse_config
 from nanopost.grpo_loop import GRPOConfig, train_grpo
+from nanopost.tools.monitor import LiveMonitor
 
 
 def main() -> None:
-    train_grpo(parse_config(GRPOConfig, description=__doc__))
+    train_grpo(parse_config(GRPOConfig, description=__doc__), monitor=LiveMonitor)
 
 
 if __name__ == "__main__":

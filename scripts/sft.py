@@ -6,10 +6,11 @@
 
 from nanopost.plumbing.config import main_guard, parse_config
 from nanopost.sft_loop import SFTConfig, train_sft
+from nanopost.tools.monitor import LiveMonitor
 
 
 def main() -> None:
-    train_sft(parse_config(SFTConfig, description=__doc__))
+    train_sft(parse_config(SFTConfig, description=__doc__), monitor=LiveMonitor)
 
 
 if __name__ == "__main__":

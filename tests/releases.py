@@ -26,7 +26,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from chat_templates import LLAMA3, LLAMA3_1, QWEN2_5, QWEN3
 from nanopost.plumbing.hf_io import config_from_hf, save_model
-from nanopost.model import ModelConfig, Transformer
+from nanopost.model import Transformer
 
 QWEN_SPECIALS = [
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),

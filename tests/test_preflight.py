@@ -16,7 +16,8 @@ import nanopost.sft_loop as sft
 from nanopost.plumbing.hf_io import load_model
 from nanopost.plumbing.config import ConfigError, parse_config
 from nanopost.plumbing.metrics import MetricsLogger, read_metrics
-from nanopost.tools.monitor import Diverged, LiveMonitor, format_report
+from nanopost.plumbing.run import Diverged
+from nanopost.tools.monitor import LiveMonitor, format_report
 from nanopost.grpo_loop import GRPOConfig, train_grpo
 from nanopost.plumbing.training_checkpoint import CheckpointError, checkpoint_path, save_checkpoint
 from nanopost.plumbing.runtime import pick_device

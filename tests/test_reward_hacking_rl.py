@@ -21,6 +21,7 @@ from nanopost.rewards import sample_reward, thinking_reward
 from nanopost.grpo_loop import GRPOConfig, train_grpo
 from nanopost.plumbing.training_checkpoint import checkpoint_path
 from nanopost.sft_loop import SFTConfig, train_sft
+from nanopost.tools.monitor import LiveMonitor
 from nanopost.tasks import get_task
 from tiny import make_checkpoint, write_jsonl
 
@@ -56,7 +57,7 @@ def grpo(sft_model, name, rewards, extra):
                           task="arithmetic", instruction=TEMPLATE.instruction, rewards=rewards, steps=STEPS,
                           prompts_per_step=4, group_size=8, max_new_tokens=32, lr=3e-4, adv_scale="none",
                           eval_every=STEPS // 3, log_every=STEPS, seed=0, overwrite=True),
-               extra_rewards=extra, log=logs.append)
+               extra_rewards=extra, log=logs.append, monitor=LiveMonitor)
     rows = read_metrics(d / name)
     return ([r for r in rows if r["kind"] == "train"], [r["accuracy"] for r in rows if r["kind"] == "eval"],
             [line for line in logs if "reward_hacking" in line])

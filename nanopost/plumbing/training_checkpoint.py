@@ -29,7 +29,7 @@ Run directory convention:
     run_dir/checkpoints/best              written when the eval metric improves: publish this
 
 `latest_checkpoint(run_dir)` returns the checkpoint with the highest step, preferring `last`.
-`start_run` checks the directory before a loop writes to it (run_dir.py): a new run never replaces
+The run's scaffold (run.py) checks the directory before a loop writes to it (run_dir.py): a new run never replaces
 an earlier one without --overwrite, and --resume continues only the same run, from a checkpoint
 `resumable_checkpoint` has checked whole.
 """
@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,12 +54,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 
 from ..model import Transformer
-from . import distributed
-from .config import save_config
 from .files import write_atomic
 from .hf_io import load_model, save_model
-from .run_dir import check_resume_config, check_writable, clear_run, describe_run, refuse_if_held
-from .runtime import make_optimizer, seed_everything
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -443,76 +439,3 @@ def resumable_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             raise CheckpointError(f"{e}. --resume does not train over a broken checkpoint: delete it or resume "
                                   f"from another checkpoint{here}, or start afresh with --overwrite") from None
     return latest
-
-
-# -- the opening both training loops share ----------------------------------------------------------
-
-
-def _open_run_dir(cfg: Any, run: Path, world: int, log: Callable[..., None]) -> Path | None:
-    """Check --out and write its config (run_dir: a new run never replaces an old one by accident,
-    --resume continues only the same run); returns the checkpoint to resume from, or None."""
-    overwrite = getattr(cfg, "overwrite", False)
-    if cfg.resume and overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
-    resume_from = None
-    if cfg.resume:
-        resume_from = resumable_checkpoint(run)
-        held = describe_run(run)
-        if resume_from is None and held:
-            raise ValueError(f"--resume: {run} holds no checkpoint to resume from, only {', '.join(held)}; "
-                             "start it afresh with --overwrite, or choose another --out")
-    elif not overwrite:
-        refuse_if_held(run)  # before anything is written
-    check_writable(run)
-    if resume_from is not None:
-        # The options are compared before the new ones are saved over the old.
-        check_resume_config(cfg, run, read_summary(resume_from).get("world", world), world, log)
-    elif cfg.resume:
-        log(f"{run}: no checkpoint to resume from; starting fresh")
-    elif overwrite:
-        clear_run(run, log)
-    save_config(cfg, run)
-    return resume_from
-
-
-def start_run(cfg: Any, log: Callable[..., None]) -> tuple[distributed.Dist, Path, Path | None, Callable[..., None]]:
-    """Join the process group (under torchrun), seed, check the run directory and write its config,
-    find the checkpoint to resume from; returns (dist, run_dir, checkpoint or None, log for this rank).
-
-    Rank 0 alone checks and writes the directory and looks for the checkpoint (finding one may
-    repair an interrupted save); the others are told which, or what was wrong, and stop with it.
-    """
-    dist = distributed.setup(cfg.device)
-    log = dist.main_only(log)
-    seed_everything(cfg.seed)
-    run = Path(cfg.out)
-    resume_from, problem = None, None
-    if dist.main:
-        try:
-            resume_from = _open_run_dir(cfg, run, dist.world, log)
-        except ValueError as e:
-            problem = e
-    resume_from, message = dist.broadcast((resume_from, None if problem is None else str(problem)))
-    if problem is not None:
-        raise problem
-    if message is not None:
-        raise ValueError(message)
-    if cfg.fsdp and not dist.active:
-        log("--fsdp shards over the processes of a torchrun job; a single process trains the whole model")
-    return dist, run, resume_from, log
-
-
-def prepare_training(model: Transformer, cfg: Any, dist: distributed.Dist, resume_from: Path | None
-                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
-    """Weights from the checkpoint, the data-parallel wrapper, AdamW and its saved state.
-
-    The order matters under FSDP2: weights go into the whole model before it is sharded, and
-    the optimizer exists (and can take its state) only once the parameters are the shards.
-    Returns (the module to train through, the optimizer, the checkpoint's `extra`, {} if none).
-    """
-    extra = {} if resume_from is None else load_checkpoint(resume_from, model=model, device=dist.device)
-    wrapped = distributed.wrap(model, dist, fsdp=cfg.fsdp)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
-    if resume_from is not None:
-        load_optimizer_state(resume_from, model, optimizer)
-    return wrapped, optimizer, extra

@@ -54,6 +54,7 @@ from ..plumbing.config import parse_config
 from ..plumbing.metrics import read_metrics
 from ..rewards import RewardFn
 from ..sft_loop import SFTConfig, train_sft
+from .monitor import LiveMonitor
 
 # -- statistics: small pure functions ----------------------------------------------------------------
 
@@ -249,9 +250,9 @@ def run_one(spec: RunSpec, threads: int = 0, log: Callable[[str], Any] | None = 
                 log(f"[{spec.arm} seed {spec.seed}] {line}")
 
         if spec.kind == "sft":
-            train_sft(cfg, log=run_log)
+            train_sft(cfg, log=run_log, monitor=LiveMonitor)
         else:
-            train_grpo(cfg, log=run_log, extra_rewards={"random": random_reward(spec.seed)})
+            train_grpo(cfg, log=run_log, extra_rewards={"random": random_reward(spec.seed)}, monitor=LiveMonitor)
     return final_metrics(read_metrics(out), tail)
 
 

@@ -32,7 +32,8 @@ val_loss when logged, else 1 - avg@k, else 1 - accuracy. Every threshold is a fi
 `LiveMonitor` runs the same checks while training: the loop hands it every metrics row and it
 prints each new finding once, and raises `should_stop` only for the codes listed in `stop_on`.
 A non-finite loss or gradient norm is more than a finding: the weights are lost with it, so
-`stop_if_diverged` ends the run there (whatever `stop_on` says) before anything saves them.
+the run's scaffold ends the run there (plumbing/run.py: stop_if_diverged, whatever `stop_on` says)
+before anything saves them.
 """
 
 from __future__ import annotations
@@ -45,10 +46,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-STOP_ON_HELP = "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.tools.monitor)"
+from ..plumbing.run import check_stop_on
+
 SEVERITIES = ("error", "warning", "info")
-CODES = ("overfitting", "reward_hacking", "length_exploding", "length_collapsing", "entropy_collapse",
-         "kl_runaway", "lr_too_low", "lr_too_high", "no_learning", "no_signal", "early_stop")
 
 
 @dataclass
@@ -646,39 +646,6 @@ def format_report(findings: Sequence[Finding], *, rows: Sequence[Mapping[str, An
     if notes:
         head += f" {notes} note(s)."
     return "\n\n".join([head, *(format_finding(f) for f in findings)]) + "\n"
-
-
-class Diverged(ValueError):
-    """Training produced a non-finite loss or gradient norm (a ValueError: scripts print one line, exit 2)."""
-
-
-def stop_if_diverged(row: Mapping[str, Any], lr: float) -> None:
-    """Raise Diverged when a train row's loss or gradient norm is NaN or infinite.
-
-    The optimizer has then stepped on non-finite gradients, so the weights can no longer be
-    trusted and every later step would be NaN as well. The run ends there, whatever --stop-on says,
-    and writes no checkpoint from those weights; the checkpoints written before it are kept.
-    """
-    bad = {k: row[k] for k in ("loss", "grad_norm", "reward_mean")
-           if _number(row.get(k)) is not None and not math.isfinite(row[k])}
-    if not bad.keys() & {"loss", "grad_norm"}:
-        return
-    if "reward_mean" in bad:
-        advice = "The rewards are not finite: check the reward functions (and reward models) on a few completions."
-    else:
-        advice = (f"Lower the learning rate (--lr {_fmt(lr)}: try {_fmt(lr / 10)}), lengthen --warmup-steps and keep "
-                  "--clip-grad on; under bf16, --precision fp32 tells an overflow from a learning rate too high.")
-    shown = ", ".join(f"{k} {v}" for k, v in bad.items())
-    raise Diverged(f"training diverged at step {row.get('step')}: {shown}. Its weights can no longer be trusted, so "
-                   f"the run stops without saving them; checkpoints written before this step are kept. {advice}")
-
-
-def check_stop_on(codes: Iterable[str]) -> set[str]:
-    """The finding codes a run may stop on; an unknown code is an error listing the known ones."""
-    unknown = set(codes) - set(CODES)
-    if unknown:
-        raise ValueError(f"--stop-on: unknown finding codes {sorted(unknown)}; known: {', '.join(CODES)}")
-    return set(codes)
 
 
 class LiveMonitor:
