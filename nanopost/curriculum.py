@@ -40,9 +40,9 @@ A step's prompts are drawn without replacement (refill rounds of the same step i
 Efraimidis-Spirakis weighted keys: prompts of positive weight first, then, only if the stage runs
 short, the zero-weight ones, then unretired prompts of other stages, then retired ones.
 
-Difficulty is the record's "difficulty" field, or 1 - pass rate from `estimate_pass_rates`, a
-pre-pass of k samples per prompt with the current model (cached with `save_pass_rates`).
-`per_difficulty_table` and `write_report_table` report held-out accuracy per difficulty level.
+Difficulty is the record's "difficulty" field, or 1 - pass rate from a pre-pass of k samples per
+prompt with the current model (tools/difficulty.py: estimate_pass_rates, which also reports
+held-out accuracy per difficulty level).
 
 Randomness: draw number i uses Random(seed, i), so the state is a few counters and the tracker,
 plain containers that torch.load(weights_only=True) reads back.
@@ -50,22 +50,11 @@ plain containers that torch.load(weights_only=True) reads back.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
-
-import torch
-
-from .generate import generate
-from .model import Transformer
-from .plumbing.files import read_json, write_atomic
-from .plumbing.metrics import read_metrics
-from .plumbing.tokenizer import Tokenizer
+from typing import Any, Literal, Mapping, Protocol, Sequence
 
 
 class PromptSampler(Protocol):
@@ -142,67 +131,7 @@ def difficulty_from_pass_rate(pass_rate: float) -> float:
     return 1.0 - pass_rate
 
 
-@torch.no_grad()
-def estimate_pass_rates(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    records: Sequence[dict],
-    render: Callable[[dict], list[int]],
-    check: Callable[[str, dict], float],
-    *,
-    k: int = 4,
-    max_new_tokens: int = 128,
-    temperature: float = 1.0,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Each record's fraction of k sampled completions that `check` scores correct (score >= 0.5).
-
-    `render` turns a record into prompt token ids (the training prompt template, so the rates are
-    those the loop will see); `check(completion, record)` is the task's answer check.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    keys = _unique_keys(records)
-    prompts = [render(r) for r in records]
-    rows = [i for i in range(len(records)) for _ in range(k)]  # k consecutive rows per record
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    correct = [0] * len(records)
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            out = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
-                           temperature=temperature, stop_token_ids=tokenizer.stop_token_ids,
-                           generator=generator, pad_token_id=tokenizer.pad_token_id)
-            for j, i in enumerate(chunk):
-                text = tokenizer.decode(out.completion(j), skip_special_tokens=True)
-                correct[i] += check(text, records[i]) >= 0.5
-    finally:
-        model.train(was_training)
-    return {key: c / k for key, c in zip(keys, correct)}
-
-
-def save_pass_rates(path: str | os.PathLike, rates: Mapping[str, float]) -> Path:
-    """Write {id: pass rate} as JSON (atomically, so an interrupted run never leaves half a cache)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({str(k): float(v) for k, v in rates.items()}, indent=0, sort_keys=True) + "\n"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-    return path
-
-
-def load_pass_rates(path: str | os.PathLike) -> dict[str, float]:
-    """{id: pass rate} from `save_pass_rates`; every value checked to be in [0, 1]."""
-    data = read_json(Path(path))
-    for key, value in data.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{path}: pass rate of {key!r} must be a number in [0, 1], got {value!r}")
-    return {str(k): float(v) for k, v in data.items()}
-
-
-def _unique_keys(records: Sequence[dict]) -> list[str]:
+def unique_keys(records: Sequence[dict]) -> list[str]:
     keys = [record_key(r, i) for i, r in enumerate(records)]
     if len(set(keys)) != len(keys):
         dup = next(k for k, n in Counter(keys).items() if n > 1)
@@ -334,7 +263,7 @@ class CurriculumSampler:
         pass_rates: Mapping[str, float] | None = None,
         seed: int = 0,
     ):
-        """`pass_rates` (from `estimate_pass_rates`) gives records without a "difficulty" field
+        """`pass_rates` (from tools/difficulty.py: `estimate_pass_rates`) gives records without a "difficulty" field
         their difficulty (1 - p) and starts every listed prompt's tracked pass rate at p."""
         if not records:
             raise ValueError("the prompt sampler needs at least one record")
@@ -353,7 +282,7 @@ class CurriculumSampler:
         if retire_threshold is not None and not 0.0 <= retire_threshold < 1.0:
             raise ValueError(f"retire_threshold must be in [0, 1), got {retire_threshold}")
         self.records = list(records)
-        self.keys = _unique_keys(self.records)
+        self.keys = unique_keys(self.records)
         self.total_steps = total_steps
         self.stages = list(stages) if stages else [Stage(until=1.0)]
         self.mode, self.band = mode, (float(band[0]), float(band[1]))
@@ -554,74 +483,3 @@ def _quantile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def per_difficulty_table(result: Mapping | Sequence[Mapping], counts: Mapping | None = None) -> str:
-    """Markdown table of held-out accuracy per difficulty level.
-
-    `result` is an `evaluate` result ({"per_difficulty": {level: accuracy}}), an eval row of
-    metrics.jsonl ({"accuracy_level_<level>": accuracy}), or scored rows
-    [{"difficulty": level, "correct": score}, ...] (which also give the counts). `counts` maps
-    level -> number of held-out prompts, e.g. Counter(r["difficulty"] for r in val_records).
-    """
-    if isinstance(result, Mapping):
-        if "per_difficulty" in result:
-            accuracy = {_level(k): float(v) for k, v in result["per_difficulty"].items()}
-        else:
-            prefix = "accuracy_level_"
-            accuracy = {_level(k[len(prefix):]): float(v) for k, v in result.items() if k.startswith(prefix)}
-        n = {_level(k): int(v) for k, v in (counts or {}).items()}
-    else:
-        scores: dict = defaultdict(list)
-        for row in result:
-            scores[_level(row.get("difficulty"))].append(float(row["correct"]))
-        accuracy = {k: sum(v) / len(v) for k, v in scores.items()}
-        n = {k: len(v) for k, v in scores.items()}
-    if not accuracy:
-        raise ValueError("per_difficulty_table: the result holds no per-difficulty accuracy")
-    levels = sorted(accuracy, key=lambda x: (x is None, x if x is not None else 0.0))
-    lines = ["| difficulty | n | accuracy |", "|---|---:|---:|"]
-    for lvl in levels:
-        lines.append(f"| {_fmt_level(lvl)} | {n.get(lvl, '')} | {accuracy[lvl]:.3f} |")
-    if n and all(lvl in n for lvl in levels):
-        total = sum(n[lvl] for lvl in levels)
-        overall = sum(accuracy[lvl] * n[lvl] for lvl in levels) / max(total, 1)
-        lines.append(f"| all | {total} | {overall:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report_table(
-    run_dir: str | os.PathLike,
-    result: Mapping | Sequence[Mapping] | None = None,
-    *,
-    counts: Mapping | None = None,
-    title: str = "Held-out accuracy per difficulty",
-    name: str = "per_difficulty.md",
-) -> Path:
-    """Write `per_difficulty_table` to run_dir/name; without a result, the run's last eval row."""
-    run_dir = Path(run_dir)
-    if result is None:
-        evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-        if not evals:
-            raise ValueError(f"{run_dir}: metrics.jsonl has no eval row to report")
-        result = evals[-1]
-        title = f"{title} (step {result['step']})"
-    text = f"# {title}\n\n" + per_difficulty_table(result, counts)
-    path = run_dir / name
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-    return path
-
-
-def _level(value: Any) -> float | None:
-    if value is None or value == "None":
-        return None
-    return float(value)
-
-
-def _fmt_level(level: float | None) -> str:
-    if level is None:
-        return "unknown"
-    return str(int(level)) if float(level).is_integer() else f"{level:g}"

@@ -58,7 +58,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from .curriculum import CurriculumSampler, PromptSampler, UniformSampler, stages_from_tables
-from .data import check_prompts_fit, load_rl, tokenize_prompt
+from .data import tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
 from .grpo import group_advantages, policy_loss
@@ -66,12 +66,13 @@ from .model import PrefixLogprobs, Transformer
 from .plumbing import distributed, interrupt
 from .plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .plumbing.config import is_finite, require
+from .plumbing.data_files import check_prompts_fit, load_rl
 from .plumbing.hf_io import load_config, load_model, load_tokenizer, save_model
+from .plumbing.run import STOP_ON_HELP, Run, check_stop_on
 from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
 from .plumbing.run_summary import stop_tokens_line
 from .plumbing.runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
 from .plumbing.tokenizer import Tokenizer
-from .plumbing.run import STOP_ON_HELP, Run, check_stop_on
 from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
 from .plumbing.user_rewards import load_reward_fns, parse_spec
 from .prompts import PromptTemplate
@@ -341,7 +342,7 @@ def _default(f: dataclasses.Field) -> Any:
 def make_sampler(cfg: GRPOConfig, records: list[dict], pass_rates: dict[str, float] | None = None) -> PromptSampler:
     """The prompt sampler --curriculum and its options describe (nanopost/curriculum.py).
 
-    `pass_rates` (curriculum.estimate_pass_rates) give records without a "difficulty" theirs and
+    `pass_rates` (tools/difficulty.py: estimate_pass_rates) give records without a "difficulty" theirs and
     start the online estimates. The demo and the curriculum experiment build theirs here too.
     """
     if cfg.curriculum == "uniform":

@@ -184,7 +184,7 @@ class PromptTemplate:
         return per_label
 
     def record_messages(self, record: Mapping[str, Any]) -> list[dict]:
-        """The chat messages for an RL record (nanopost.data.load_rl).
+        """The chat messages for an RL record (plumbing/data_files.py: load_rl).
 
         A conversational record ("messages", from a prompt given as a list of messages) is rendered
         as written: the user wrote the whole conversation, system message included, so neither the

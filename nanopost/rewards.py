@@ -57,8 +57,8 @@ _MAX_BOX_CHARS = 1_000      # how far to look for the closing brace of \boxed{
 # ------------------------------------------------------------------------------------------ answers
 
 # Written-out markers are looked for only in the tail of the text: a regex scan costs time in
-# proportion to the text it reads, and
-# an "answer" followed by pages of further text is not a final answer anyway.
+# proportion to the text it reads, and an "answer" followed by pages of further text is not a
+# final answer anyway.
 _TAIL_CHARS = 20_000
 _HASHES = re.compile(r"####")
 _ANSWER_IS = re.compile(r"\banswer[ \t]+is[ \t]*:?", re.IGNORECASE)

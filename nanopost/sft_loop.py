@@ -28,19 +28,19 @@ from typing import Literal
 
 import torch
 
+from .data import Batch, Example, fit_examples, pack_examples, tokenize_chat, tokenize_prompt, tokenize_text
+from .eval import EvalItem, evaluate
+from .model import Logprobs, Transformer
 from .plumbing import distributed, interrupt
 from .plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .plumbing.config import is_finite, require
+from .plumbing.data_files import check_prompts_fit, load_sft, load_text
 from .plumbing.hf_io import load_config, load_model, load_tokenizer
-from .data import (Batch, Example, check_prompts_fit, fit_examples, load_sft, load_text, pack_examples,
-                   tokenize_chat, tokenize_prompt, tokenize_text)
-from .eval import EvalItem, evaluate
-from .model import Logprobs, Transformer
+from .plumbing.run import STOP_ON_HELP, Run, check_stop_on
 from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
 from .plumbing.run_summary import stop_tokens_line
 from .plumbing.runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
 from .plumbing.tokenizer import Tokenizer
-from .plumbing.run import STOP_ON_HELP, Run, check_stop_on
 from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
 from .rewards import extract_answer
 from .schedules import lr_at, set_lr

@@ -65,7 +65,8 @@ import torch
 from benchmark import (SIZES, alternate_rounds, bench_config, grpo_step_flops, matmul_peak_flops, peak_rss,
                                 random_chats, report_result, run_isolated)
 from nanopost.plumbing.hf_io import load_tokenizer, save_model
-from nanopost.data import load_rl, tokenize_prompt
+from nanopost.data import tokenize_prompt
+from nanopost.plumbing.data_files import load_rl
 from nanopost.model import Transformer
 from nanopost.prompts import PromptTemplate
 from nanopost.plumbing.tokenizer import Tokenizer, train_bpe

@@ -34,9 +34,10 @@ from pathlib import Path
 
 from nanopost.plumbing.hf_io import load_model, load_tokenizer
 from nanopost.plumbing.config import main_guard, parse_config
-from nanopost.curriculum import (estimate_pass_rates, load_pass_rates, per_difficulty_table, save_pass_rates,
-                                 write_report_table)
-from nanopost.data import load_rl, tokenize_prompt
+from nanopost.tools.difficulty import (estimate_pass_rates, load_pass_rates, per_difficulty_table, save_pass_rates,
+                                       write_report_table)
+from nanopost.data import tokenize_prompt
+from nanopost.plumbing.data_files import load_rl
 from nanopost.plumbing.metrics import read_metrics
 from nanopost.prompts import PromptTemplate
 from nanopost.rewards import accuracy_reward

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from nanopost.data import load_rl, tokenize_prompt
+from nanopost.data import tokenize_prompt
+from nanopost.plumbing.data_files import load_rl
 from nanopost.eval import EvalItem, evaluate
 from nanopost.grpo_loop import GRPOConfig, train_grpo
 from nanopost.model import ModelConfig, Transformer

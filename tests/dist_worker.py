@@ -23,7 +23,8 @@ from nanopost.plumbing import distributed  # noqa: E402
 from nanopost.plumbing.hf_io import load_model, load_tokenizer, save_model  # noqa: E402
 from nanopost.plumbing.config import main_guard  # noqa: E402
 from nanopost.curriculum import CurriculumSampler  # noqa: E402
-from nanopost.data import load_rl, tokenize_prompt  # noqa: E402
+from nanopost.data import tokenize_prompt  # noqa: E402
+from nanopost.plumbing.data_files import load_rl  # noqa: E402
 from nanopost.grpo import group_advantages  # noqa: E402
 from nanopost.prompts import PromptTemplate  # noqa: E402
 from tiny import sevens  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nanopost.data import DataError, load_rl
+from nanopost.plumbing.data_files import DataError, load_rl
 from nanopost.prompts import PromptTemplate
 from tiny import larger_rl_records, larger_task, split_pairs, write_jsonl
 

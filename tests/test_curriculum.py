@@ -11,17 +11,10 @@ import pytest
 import torch
 
 from nanopost.plumbing.hf_io import load_model, load_tokenizer
-from nanopost.curriculum import (
-    CurriculumSampler,
-    Stage,
-    difficulty_from_pass_rate,
-    estimate_pass_rates,
-    load_pass_rates,
-    per_difficulty_table,
-    save_pass_rates,
-    write_report_table,
-)
-from nanopost.data import load_rl
+from nanopost.curriculum import CurriculumSampler, difficulty_from_pass_rate, Stage
+from nanopost.tools.difficulty import (estimate_pass_rates, load_pass_rates, per_difficulty_table, save_pass_rates,
+                                       write_report_table)
+from nanopost.plumbing.data_files import load_rl
 from nanopost.plumbing.metrics import MetricsLogger, read_metrics
 from nanopost.schedules import temperature_at
 from tiny import larger_task, write_jsonl

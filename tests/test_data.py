@@ -12,20 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanopost.data import (
-    PAD_SEGMENT,
-    DataError,
-    Example,
-    fit_examples,
-    load_rl,
-    load_sft,
-    make_batch,
-    pack_examples,
-    padding_fraction,
-    read_jsonl,
-    tokenize_chat,
-    tokenize_prompt,
-)
+from nanopost.data import (Example, fit_examples, make_batch, pack_examples, PAD_SEGMENT, padding_fraction,
+                           tokenize_chat, tokenize_prompt)
+from nanopost.plumbing.data_files import DataError, load_rl, load_sft, read_jsonl
 from nanopost.model import ModelConfig, Transformer
 from nanopost.plumbing.tokenizer import Tokenizer, train_bpe
 

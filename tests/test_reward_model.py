@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanopost.plumbing.hf_io import load_model, save_model
-from nanopost.data import DataError
+from nanopost.plumbing.data_files import DataError
 from nanopost.model import ModelConfig, Transformer
 from nanopost.tools.reward_model import (
     ModelReward,

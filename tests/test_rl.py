@@ -126,7 +126,7 @@ def test_group_size_one_is_refused(task, tmp_path):
 
 def test_curriculum_stages_set_temperature_and_group_size(task, tmp_path):
     from nanopost.curriculum import CurriculumSampler, Stage
-    from nanopost.data import load_rl
+    from nanopost.plumbing.data_files import load_rl
 
     cfg = config(task, tmp_path, steps=4)
     stages = [Stage(until=0.5, temperature=0.7, group_size=4), Stage(until=1.0, temperature=1.3, group_size=6)]

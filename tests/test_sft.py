@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanopost.plumbing.hf_io import load_model, load_tokenizer
-from nanopost.data import load_sft, make_batch, tokenize_chat
+from nanopost.data import make_batch, tokenize_chat
+from nanopost.plumbing.data_files import load_sft
 from nanopost.plumbing.metrics import read_metrics
 from nanopost.plumbing.training_checkpoint import CheckpointError, checkpoint_path
 from nanopost.sft_loop import SFTConfig, accumulate_gradients, train_sft

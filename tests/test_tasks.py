@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanopost.data import load_rl
+from nanopost.plumbing.data_files import load_rl
 from nanopost.rewards import arithmetic_step_score, countdown_reward, format_reward
 from nanopost.safe_math import safe_eval
 from nanopost.tasks import ArithmeticTask, CountdownTask, GSM8KTask, get_task, write_jsonl

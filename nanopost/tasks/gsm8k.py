@@ -21,7 +21,7 @@ import random
 import re
 from pathlib import Path
 
-from nanopost.data import read_jsonl
+from nanopost.plumbing.data_files import read_jsonl
 from nanopost.rewards import accuracy_reward
 from nanopost.tasks.base import Task
 

@@ -22,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from ..data import load_rl
 from ..eval import EvalItem, default_check, evaluate
 from ..grpo_loop import GRPOConfig, prompt_key, tokenize_prompts
 from ..plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from ..plumbing.config import is_finite, require
+from ..plumbing.data_files import load_rl
 from ..plumbing.hf_io import load_config, load_model, load_tokenizer
 from ..plumbing.runtime import pick_device
 from ..prompts import PromptTemplate

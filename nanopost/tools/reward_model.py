@@ -44,8 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ..data import DataError, _is_number, _json_type, read_jsonl, tokenize_chat
+from ..data import tokenize_chat
 from ..model import ModelConfig, Transformer
+from ..plumbing.data_files import _is_number, _json_type, DataError, read_jsonl
 from ..plumbing.files import read_json, write_atomic
 from ..plumbing.hf_io import DTYPES, INDEX_FILE, SINGLE_FILE, config_from_hf, config_to_hf, read_tensors, weight_files
 from ..plumbing.runtime import autocast, make_optimizer

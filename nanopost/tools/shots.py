@@ -36,9 +36,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..data import read_jsonl, tokenize_prompt
+from ..data import tokenize_prompt
 from ..model import Logprobs
 from ..plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
+from ..plumbing.data_files import read_jsonl
 from ..plumbing.hf_io import load_model, load_tokenizer
 from ..plumbing.runtime import pick_device
 from ..plumbing.tokenizer import Tokenizer
