@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-cuda bench venv clean
+.PHONY: demo demo-seeds test test-cuda bench venv clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ venv: $(VENV)/.test
 
 demo: $(VENV)/.demo
 	$(PY) scripts/demo.py
+
+# The demo once per seed, each its own base, data and runs, and one report over them.
+demo-seeds: $(VENV)/.demo
+	$(PY) scripts/demo.py --seeds 0,1,2 --out out/demo-seeds
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

@@ -18,13 +18,16 @@ accuracy with a 95% interval, avg@k, and accuracy per difficulty level. Everythi
 out/demo/, with report.md as the summary.
 
     python scripts/demo.py                 # the full demo, about 11 minutes on 2 CPU cores
+    python scripts/demo.py --seeds 0,1,2   # once per seed, and a report over them (out/demo/report.md)
     python scripts/demo.py --toy           # the same pipeline at toy scale, seconds
     python scripts/demo.py --help          # every option
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 import re
 import sys
@@ -66,6 +69,9 @@ THINKING = {"arithmetic_weight": 1.0}
 class DemoConfig:
     out: str = "out/demo"
     seed: int = 0
+    seeds: list[int] = field(default_factory=list, metadata={
+        "help": "run the whole demo once per seed (each its own base, data and runs, in OUT/seed-N) and report "
+                "over them in OUT/report.md; empty: --seed alone"})
     test_file: str = field(default=str(PROJECT / "data" / "arithmetic" / "test.jsonl"),
                            metadata={"help": "held-out split (the same for every stage)"})
     test_per_level: int = field(default=30, metadata={"help": "held-out prompts per level"})
@@ -242,7 +248,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     findings = diagnose(read_metrics(grpo_run))
     report += "\n## Diagnostics of the GRPO run\n\n" + (format_report(findings) if findings else "No finding.") + "\n"
     try:
-        plot_runs([sft_run, grpo_run, control_run], root / "curves.png")
+        # On a time axis: 1,200 SFT steps, 100 GRPO steps and the control's equal wall time line up.
+        plot_runs([sft_run, grpo_run, control_run], root / "curves.png", x="minutes")
         report += "\n![training curves](curves.png)\n"
     except ModuleNotFoundError as e:  # matplotlib is optional; the report says why the picture is missing
         report += f"\n(no curves: {e})\n"
@@ -277,11 +284,82 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
+# ------------------------------------------------------------------------------ several seeds
+
+STAGES = ("sft", "control", "grpo")
+HARD_LEVELS = (4, 5, 6)  # two-digit operands: where reasoning step by step should pay
+
+
+def run_seeds(cfg: DemoConfig, log=print) -> dict[int, dict]:
+    """The demo once per seed of cfg.seeds, each in OUT/seed-N, and OUT/report.md over them."""
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    per_seed = {}
+    for seed in cfg.seeds:
+        log(f"== seed {seed}")
+        per_seed[seed] = run_demo(dataclasses.replace(cfg, seed=seed, seeds=[], out=str(root / f"seed-{seed}")), log=log)
+    minutes = (time.perf_counter() - t0) / 60
+    (root / "report.md").write_text(render_seeds_report(per_seed, minutes))
+    (root / "results.json").write_text(json.dumps({"per_seed": per_seed, "minutes": minutes}, indent=2, default=str))
+    log(f"report: {root / 'report.md'} ({minutes:.1f} min)")
+    return per_seed
+
+
+def gain(results: dict) -> float:
+    """GRPO's greedy accuracy above the better of SFT and the control."""
+    return results["grpo"]["accuracy"] - max(results["sft"]["accuracy"], results["control"]["accuracy"])
+
+
+def intervals_apart(results: dict) -> bool:
+    """Whether GRPO's 95% interval lies wholly above both rivals' intervals."""
+    return results["grpo"]["accuracy_lo"] > max(results["sft"]["accuracy_hi"], results["control"]["accuracy_hi"])
+
+
+def level_gain(results: dict, levels) -> float:
+    """GRPO minus SFT, greedy accuracy averaged over `levels` (equal prompts per level)."""
+    diffs = [results["grpo"]["per_difficulty"][lvl] - results["sft"]["per_difficulty"][lvl]
+             for lvl in results["grpo"]["per_difficulty"] if float(lvl) in levels]
+    return sum(diffs) / len(diffs) if diffs else math.nan
+
+
+def _mean_sd(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def render_seeds_report(per_seed: dict[int, dict], minutes: float) -> str:
+    seeds = list(per_seed)
+    lines = [f"# nanopost demo over seeds {', '.join(map(str, seeds))}", "",
+             f"Each seed builds its own base, data and runs (seed-N/report.md). Greedy held-out accuracy; gain = "
+             f"GRPO minus the better of SFT and the control; apart = GRPO's 95% interval above both of theirs. "
+             f"Total {minutes:.1f} min.", "",
+             "| seed | sft | control | grpo | gain | apart |", "|---|---|---|---|---|---|"]
+    for seed, r in per_seed.items():
+        cells = [f"{r[s]['accuracy']:.3f} ({r[s]['accuracy_lo']:.3f}–{r[s]['accuracy_hi']:.3f})" for s in STAGES]
+        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {gain(r):+.3f} | {'yes' if intervals_apart(r) else 'no'} |")
+    lines.append("| mean ± sd | " + " | ".join(_mean_sd([r[s]["accuracy"] for r in per_seed.values()]) for s in STAGES)
+                 + f" | {_mean_sd([gain(r) for r in per_seed.values()])} | "
+                 f"{sum(intervals_apart(r) for r in per_seed.values())}/{len(seeds)} |")
+    levels = sorted({float(lvl) for r in per_seed.values() for lvl in r["grpo"]["per_difficulty"]})
+    lines += ["", "GRPO minus SFT, greedy accuracy per level:", "",
+              "| level | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 2) + "|"]
+    for lvl in levels:
+        diffs = [level_gain(r, (lvl,)) for r in per_seed.values()]
+        lines.append(f"| {lvl:g} | " + " | ".join(f"{d:+.2f}" for d in diffs) + f" | {sum(diffs) / len(diffs):+.2f} |")
+    hard = [level_gain(r, HARD_LEVELS) for r in per_seed.values()]
+    lines += ["", f"Levels {HARD_LEVELS[0]}–{HARD_LEVELS[-1]} together: " + ", ".join(f"{d:+.3f}" for d in hard)
+              + f" (mean {sum(hard) / len(hard):+.3f})."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if "--toy" in argv:
         argv = [a for a in argv if a != "--toy"] + [x for k, v in TOY.items() for x in (f"--{k}", str(v))]
-    run_demo(parse_config(DemoConfig, argv, description=__doc__))
+    cfg = parse_config(DemoConfig, argv, description=__doc__)
+    run_seeds(cfg) if cfg.seeds else run_demo(cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nanopost.plumbing.metrics import MetricsLogger
-from nanopost.tools.plot import group_runs, mean_std, metric_names, seed_group
+from nanopost.tools.plot import group_runs, mean_std, metric_names, seed_group, series
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,20 @@ def test_reward_functions_get_their_own_curves():
     assert metric_names(rows, "eval", "accuracy") == []
 
 
+def test_minutes_put_runs_of_different_step_costs_on_one_axis():
+    # SFT: a step every 6 s; GRPO: a step every 60 s. By step they differ tenfold, by time not at all.
+    sft = [{"kind": "train", "step": s, "loss": 1.0 / s, "time": 1000.0 + 6 * s} for s in range(1, 11)]
+    grpo = [{"kind": "train", "step": s, "loss": 1.0 / s, "time": 5000.0 + 60 * s} for s in range(1, 11)]
+    sft.append({"kind": "train", "step": 10, "loss": 0.05, "time": 1080.0})  # resumed: the last value wins
+    assert series(sft, "train", "loss")[0].tolist() == list(range(1, 11))
+    minutes, values = series(sft, "train", "loss", x="minutes")
+    np.testing.assert_allclose(minutes, [0.1 * (s - 1) for s in range(1, 10)] + [(1080.0 - 1006.0) / 60])
+    assert values[-1] == 0.05
+    np.testing.assert_allclose(series(grpo, "train", "loss", x="minutes")[0], [s - 1 for s in range(1, 11)])
+    with pytest.raises(ValueError, match="x must be one of step, minutes"):
+        series(sft, "train", "loss", x="samples")
+
+
 def write_run(path: Path, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     log = MetricsLogger(path)
@@ -59,10 +73,11 @@ def test_plot_script_writes_a_png(tmp_path, monkeypatch, capsys):
     runs = [write_run(tmp_path / f"a-seed{s}", s) for s in range(2)] + [write_run(tmp_path / "b", 5)]
     out = tmp_path / "dash.png"
     # the script itself, run in this process (a fresh interpreter would spend seconds importing torch)
-    monkeypatch.setattr(sys, "argv", ["plot.py", *map(str, runs), "--out", str(out)])
-    runpy.run_path(str(ROOT / "scripts" / "plot.py"), run_name="__main__")
-    assert f"wrote {out}" in capsys.readouterr().out
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    for x in ("step", "minutes"):
+        monkeypatch.setattr(sys, "argv", ["plot.py", *map(str, runs), "--out", str(out), "--x", x])
+        runpy.run_path(str(ROOT / "scripts" / "plot.py"), run_name="__main__")
+        assert f"wrote {out}" in capsys.readouterr().out
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
 def test_missing_matplotlib_says_how_to_install_it(monkeypatch):

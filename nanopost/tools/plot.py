@@ -94,14 +94,26 @@ def metric_names(rows: Sequence[Mapping[str, Any]], kind: str, pattern: str) -> 
     return sorted(found - {"reward_mean"})
 
 
-def series(rows: Sequence[Mapping[str, Any]], kind: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one metric; a step logged twice (a resumed run) keeps its last value."""
+# What the horizontal axis counts: optimizer steps, or minutes since the run's first row, so that
+# runs whose steps cost different times (SFT, GRPO, a control at equal wall time) line up.
+X_AXES = {"step": "step", "minutes": "minutes of training"}
+
+
+def series(rows: Sequence[Mapping[str, Any]], kind: str, name: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """(x, values) of one metric; a step logged twice (a resumed run) keeps its last value."""
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
+    start = min((float(r["time"]) for r in rows if _is_number(r.get("time"))), default=0.0)
     by_step: dict[float, float] = {}
+    at: dict[float, float] = {}
     for r in rows:
         if r.get("kind") == kind and _is_number(r.get(name)):
-            by_step[float(r.get("step", 0))] = float(r[name])
+            step = float(r.get("step", 0))
+            by_step[step] = float(r[name])
+            at[step] = (float(r["time"]) - start) / 60 if _is_number(r.get("time")) else math.nan
     steps = np.array(sorted(by_step))
-    return steps, np.array([by_step[s] for s in steps])
+    xs = steps if x == "step" else np.array([at[s] for s in steps])
+    return xs, np.array([by_step[s] for s in steps])
 
 
 def mean_std(runs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -165,12 +177,15 @@ def parse_group(spec: str) -> tuple[str, list[str]]:
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
               groups: Mapping[str, Sequence[str]] | None = None, smooth: float = 0.0,
-              title: str | None = None) -> Path:
+              title: str | None = None, x: str = "step") -> Path:
     """Draw the dashboard of `run_dirs` into the PNG `out`; returns its path.
 
     groups: name -> run names (directory names) drawn as one mean ± std band; runs not listed
-    are grouped by seed suffix. smooth: EMA weight for train curves (0: raw).
+    are grouped by seed suffix. smooth: EMA weight for train curves (0: raw). x: "step" or
+    "minutes" (X_AXES).
     """
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     Figure = require_matplotlib()
     runs = load_runs(run_dirs)
     grouped = group_runs(list(runs), groups)
@@ -191,8 +206,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     for ax, (panel_title, names) in zip(axes, panels):
         for (kind, name), style in zip(names, _styles(len(names))):
             for (group, members), color in zip(grouped.items(), colors):
-                _draw(ax, [series(runs[m], kind, name) for m in members], kind, name, color, style,
-                      smooth if kind == "train" else 0.0, runs[members[0]] if len(members) == 1 else None)
+                _draw(ax, [series(runs[m], kind, name, x) for m in members], kind, name, color, style,
+                      smooth if kind == "train" else 0.0, runs[members[0]] if len(members) == 1 else None, x)
         ax.set_title(panel_title, fontsize=10)
         ax.grid(alpha=0.3)
         if panel_title in ("learning rate", "KL to reference") and _spans_decades(ax):
@@ -206,7 +221,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax in axes[max(0, len(panels) - ncols): len(panels)]:  # the lowest panel of each column
-        ax.set_xlabel("step")
+        ax.set_xlabel(X_AXES[x])
         ax.tick_params(labelbottom=True)
     group_handles = [axes[0].plot([], [], color=c, linewidth=3,
                                   label=f"{g} ({len(m)} runs, mean ± std)" if len(m) > 1 else g)[0]
@@ -229,7 +244,7 @@ def _spans_decades(ax) -> bool:
     return bool(ys) and min(ys) > 0 and max(ys) > 10 * min(ys)
 
 
-def _draw(ax, runs, kind, name, color, style, smooth, single_rows) -> None:
+def _draw(ax, runs, kind, name, color, style, smooth, single_rows, x="step") -> None:
     """One group's curve of one metric: a mean ± std band for several runs, else the run's line."""
     runs = [(s, v) for s, v in runs if len(s)]
     if not runs:
@@ -244,8 +259,8 @@ def _draw(ax, runs, kind, name, color, style, smooth, single_rows) -> None:
     for s, v in runs:  # one run, or runs without a common step: each line on its own
         ax.plot(s, ema(v, smooth), color=color, linestyle=style, marker=marker, markersize=3, linewidth=1.0)
     if single_rows is not None and name == "accuracy":  # the Wilson interval of a single run
-        lo_s, lo = series(single_rows, "eval", "accuracy_lo")
-        hi_s, hi = series(single_rows, "eval", "accuracy_hi")
+        lo_s, lo = series(single_rows, "eval", "accuracy_lo", x)
+        hi_s, hi = series(single_rows, "eval", "accuracy_hi", x)
         if len(lo) and np.array_equal(lo_s, hi_s):
             ax.fill_between(lo_s, lo, hi, color=color, alpha=0.12, linewidth=0)
 
