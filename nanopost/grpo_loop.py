@@ -656,18 +656,12 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
             # Rows with loss tokens after the overlong filter, counted over the whole mini-batch
             # (every rank holds it), so micro-batches and ranks share one normaliser.
             n_seqs = (loss_mask[mb].sum(dim=1) > 0).sum()
-            mine = [mb[i] for i in distributed.shard(len(mb), dist)]
-            # The same number of micro-batches on every rank (each backward is a collective);
-            # a rank with no rows left runs a zero-weighted one.
-            size = _micro(cfg, math.ceil(len(mb) / dist.world))
-            n_micro = math.ceil(math.ceil(len(mb) / dist.world) / size)
-            for m in range(n_micro):
-                rows = mine[m * size : (m + 1) * size]
-                real = bool(rows)
-                rows = rows or mb[:1]
+            # This process's rows, in micro-batches; a stand-in (real=False) counts zero.
+            micro = distributed.micro_batches(mb, dist, cfg.micro_batch)
+            for m, (rows, real) in enumerate(micro):
                 r = torch.tensor(rows, dtype=torch.long)
                 ref_logp = reference_logprobs(rows) if reference is not None else None
-                with distributed.sync_gradients(wrapped, m == n_micro - 1):
+                with distributed.sync_gradients(wrapped, m == len(micro) - 1):
                     with autocast(device, cfg.precision):
                         logp, entropy = sequence_logprobs(wrapped, [batch.prompts[i] for i in rows],
                                                           batch.tokens[r].to(device), temperature, want_entropy=True,

@@ -194,6 +194,18 @@ def test_shards_cover_everything_once_in_order(n):
         assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
+@pytest.mark.parametrize("n,micro", [(1, 0), (5, 0), (5, 2), (7, 3), (8, 1)])
+def test_micro_batches_cover_every_row_once_and_match_in_count(n, micro):
+    rows = [10 + i for i in range(n)]
+    for world in (1, 2, 3):
+        parts = [distributed.micro_batches(rows, distributed.Dist(rank=r, world=world), micro) for r in range(world)]
+        assert len({len(p) for p in parts}) == 1  # as many backward passes on every rank
+        real = [i for p in parts for chunk, is_real in p if is_real for i in chunk]
+        assert real == rows
+        assert all(chunk == rows[:1] for p in parts for chunk, is_real in p if not is_real)
+        assert all(len(chunk) <= (micro or n) for p in parts for chunk, _ in p)
+
+
 def test_single_process_needs_no_process_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     d = distributed.setup("cpu")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
@@ -132,6 +133,18 @@ def shard(n: int, d: Dist, rank: int | None = None) -> range:
     base, extra = divmod(n, d.world)
     start = r * base + min(r, extra)
     return range(start, start + base + (1 if r < extra else 0))
+
+
+def micro_batches(rows: list[int], d: Dist, micro: int = 0) -> list[tuple[list[int], bool]]:
+    """This rank's block of `rows` in micro-batches of at most `micro` rows (0: one), as
+    [(rows, real)]. Every rank gets as many as the largest block needs, since each backward is a
+    collective: a rank whose block has run out gets stand-ins, the first row with real=False, for
+    the caller to weigh by zero."""
+    mine = [rows[i] for i in shard(len(rows), d)]
+    per_rank = math.ceil(len(rows) / d.world)
+    size = micro if 0 < micro < per_rank else max(per_rank, 1)
+    parts = [mine[m * size : (m + 1) * size] for m in range(math.ceil(per_rank / size))]
+    return [(part or rows[:1], bool(part)) for part in parts]
 
 
 def wrap(model: nn.Module, d: Dist, fsdp: bool = False) -> nn.Module:
