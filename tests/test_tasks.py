@@ -131,6 +131,46 @@ def test_arithmetic_reasoning_is_one_true_equation_per_operation():
         assert lines[-1].endswith(f"= {record['answer']}")
 
 
+def test_arithmetic_columns_are_true_one_digit_facts_that_spell_each_result():
+    from nanopost.tasks.arithmetic import columns
+    rng = random.Random(0)
+    cases = [(37, "+", 48), (85, "-", 91), (-6, "+", 12), (-6, "-", 12), (100, "-", 99), (5, "-", 5), (999, "+", 999)]
+    cases += [(rng.randint(-2000, 2000), rng.choice("+-"), rng.randint(0, 999)) for _ in range(2000)]
+    for value, op, operand in cases:
+        head, work = columns(value, op, operand).split(":")
+        top, sign, bottom = head.partition("+") if "+" in head else head.partition("-")
+        assert int(top) >= int(bottom) and {int(top), int(bottom)} == {abs(value), operand}
+        assert (sign == "+") == ((value >= 0) == (op == "+"))  # magnitudes add exactly when the signs agree
+        digits, carry = [], 0
+        for column in work.split(","):
+            left, x = column.split("=")
+            terms = [int(t) for t in left.replace("-", "+-").split("+")]
+            assert sum(terms) == int(x), column  # each column is a true fact
+            assert 0 <= int(x) <= 19
+            assert (len(terms) == 3) == bool(carry) and terms[-1] in ((1, -1) if carry else terms[-1:])
+            carry = int(x) >= 10 if sign == "+" else terms[0] >= 10
+            digits.append(int(x) % 10 if sign == "+" else int(x))
+        if sign == "+" and carry:
+            digits.append(1)
+        magnitude = int("".join(map(str, reversed(digits))))
+        assert magnitude == abs(value + operand if op == "+" else value - operand), (value, op, operand)
+
+
+def test_arithmetic_columns_work_ends_each_step_with_its_equation():
+    task = ArithmeticTask(work="columns")
+    for record in records(task, 10):
+        lines = record["reasoning"].split("\n")
+        assert len(lines) == 2 * record["ops"]
+        equations = lines[1::2]
+        assert all(":" in line for line in lines[::2])
+        assert arithmetic_step_score("\n".join(equations), record["answer"]) == 1.0
+        assert equations[-1].endswith(f"={record['answer']}")
+        plain = ArithmeticTask().sample(random.Random(1), record["difficulty"])
+        assert task.sample(random.Random(1), record["difficulty"])["answer"] == plain["answer"]
+    with pytest.raises(ValueError, match="work must be one of"):
+        ArithmeticTask(work="scratch")
+
+
 def test_arithmetic_levels_have_their_documented_digits_and_operations():
     for record in records(ArithmeticTask(), 20):
         digits, ops = record["digits"], record["ops"]
