@@ -255,3 +255,35 @@ def test_a_repeatable_list_option_adds_up_on_the_command_line(tmp_path):
                                   "--tags", "x", "--tags", "y"])
     assert cfg.plugins == ["a.py:f", "b:g", "c:h"]  # the command line replaces the file's, then grows
     assert cfg.tags == ["y"]  # any other option: the last one given wins
+
+
+def test_values_starting_with_a_dash_are_values_not_options():
+    cfg = parse_config(Train, ["--lr", "-1e-4", "--layers", "-1,2", "--name", "-x", "--optim.weight-decay", "-inf"])
+    assert (cfg.lr, cfg.layers, cfg.name, cfg.optim.weight_decay) == (-1e-4, [-1, 2], "-x", float("-inf"))
+    with pytest.raises(ConfigError, match=r"unexpected argument '-x'"):
+        parse_config(Train, ["-x"])
+
+
+def test_parser_mistakes_are_config_errors_never_an_exit():
+    for argv in (["--no-compile=1"], ["--compile", "--no-compile", "x"], ["--", "x"], ["--config"]):
+        with pytest.raises(ConfigError):
+            parse_config(Train, argv)
+
+
+def test_to_toml_round_trips_through_tomllib():
+    import math
+    import tomllib
+
+    from nanopost.plumbing.config import to_toml
+
+    data = {
+        "name": 'quote " backslash \\ newline \n tab \t del \x7f bell \x07 é 字 😀',
+        "n": -3, "x": 2.5e-8, "big": 1e300, "pos": math.inf, "neg": -math.inf, "flag": False, "unset": None,
+        "ints": [1, 2], "empty_list": [], "nested": [[0, 1.0], [0.5, 0.7]], "stages": [{"until": 0.5, "levels": [1, 3]}],
+        "empty_table": {}, "weights": {"accuracy": 1.0, "odd key.x": 2}, "group": {"lr": 1e-3, "inner": {"deep": "yes"}},
+        "after_tables": "still top level",
+    }
+    back = tomllib.loads(to_toml(data))
+    expected = {**data, "unset": "none"}  # TOML has no null; `X | None` options read "none" back as None
+    assert back == expected
+    assert math.isnan(tomllib.loads(to_toml({"v": math.nan}))["v"])

@@ -5,11 +5,14 @@
 Values are applied in three layers, each overriding the one before:
 
     1. the dataclass defaults
-    2. `--config run.toml` (or .json): top-level keys are options, tables are nested dataclasses
-    3. command-line options: `--lr 3e-4`, `--lr=3e-4`; `--max-steps` and `--max_steps` are the
-       same option; a nested dataclass field is `--optim.lr 1e-4`
+    2. `--config run.toml` (or .json, read with tomllib or json): top-level keys are options,
+       tables are nested dataclasses
+    3. the command line, read by argparse with one option per field and no abbreviations:
+       `--lr 3e-4`, `--lr=3e-4`; `--max-steps` and `--max_steps` are the same option; a nested
+       dataclass field is `--optim.lr 1e-4`
 
-Values are converted by the field's annotation:
+argparse only collects the text given for each option; file and command-line values then go
+through the same conversion, by the field's annotation:
 
     int, float, str, Path       `--steps 1000` (also `1e3`), `--lr 3e-4`, `--out runs/a`
     bool                        `--flag`, `--flag true|false` (yes/no, on/off, 1/0), `--no-flag`
@@ -21,37 +24,35 @@ Values are converted by the field's annotation:
     dict[str, X]                a TOML table, or an inline one: `--weights "{accuracy = 1.0}"`
     a dataclass                 a group of options: `--optim.lr`, `[optim]` in TOML
 
-Values are never run as code; bracketed values are read by the TOML parser. After the
-dataclass is built, every `validate()` method it (or a nested dataclass) defines is called.
+Values are never run as code; bracketed values are read by tomllib. After the dataclass is
+built, every `validate()` method it (or a nested dataclass) defines is called.
 
-Mistakes raise `ConfigError` naming the option: an unknown option lists the close matches
-(`unknown option --lrr; did you mean --lr?`), a bad value says what was expected
-(`--lr: expected float, got 'abc'`). `main_guard` turns it into a one-line message and exit
-status 2, so a typo never prints a traceback. `--help` lists every option with its help text
-(`field(metadata={"help": ...})`) and default.
+Mistakes, argparse's included, raise `ConfigError` naming the option: an unknown option lists
+the close matches (`unknown option --lrr; did you mean --lr?`), a bad value says what was
+expected (`--lr: expected float, got 'abc'`). `main_guard` turns it into a one-line message and
+exit status 2, so a typo never prints a traceback. `--help` is argparse's, listing every option
+with its help text (`field(metadata={"help": ...})`) and default.
 
-The resolved configuration goes into the run directory with `save_config` (config.json, which
-`load_config_file` reads back, and the same values as config.toml, ready for `--config`).
+`save_config` writes the resolved configuration into the run directory as config.json, which
+`load_config_file` reads back, and as config.toml (by `to_toml`; TOML has no null, so None is
+written "none"), ready for `--config`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
 import math
 import os
 import sys
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar, Union
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from .files import write_atomic
 
@@ -76,11 +77,15 @@ class _Option:
     type: Any
     default: Any  # dataclasses.MISSING when the option is required
     help: str
-    repeat: bool = False  # a list option whose command-line occurrences add up (metadata {"repeat": True})
+    repeat: bool  # a list option whose command-line occurrences add up (metadata {"repeat": True})
 
 
 def _is_group(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _is_path(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, PurePath)
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -100,36 +105,38 @@ def _field_default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _collect(cls: type, prefix: str, defaults: Any, options: dict[str, _Option], groups: set[str]) -> None:
-    """Flatten `cls` into options keyed by dotted path; `defaults` is the instance whose values show."""
-    hints = _type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if not prefix and f.name in RESERVED:
-            raise TypeError(f"{cls.__name__}: a field may not be named {f.name!r} (it is --{f.name})")
-        key = prefix + f.name
-        tp = hints[f.name]
-        default = getattr(defaults, f.name) if defaults is not None else _field_default(f)
-        if _is_group(tp):
-            groups.add(key)
-            inner = None if default is dataclasses.MISSING else default
-            _collect(tp, key + ".", inner, options, groups)
-        else:
-            options[key] = _Option(key, tp, default, f.metadata.get("help", ""), f.metadata.get("repeat", False))
-
-
 def _options(cls: type) -> tuple[dict[str, _Option], set[str]]:
+    """Every field of `cls` and its nested dataclasses, keyed by dotted path; and the groups' paths."""
     if not _is_group(cls):
         raise TypeError(f"expected a dataclass type, got {cls!r}")
     options: dict[str, _Option] = {}
     groups: set[str] = set()
-    _collect(cls, "", None, options, groups)
+
+    def collect(cls: type, prefix: str, defaults: Any) -> None:  # defaults: the instance whose values show
+        hints = _type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            if not prefix and f.name in RESERVED:
+                raise TypeError(f"{cls.__name__}: a field may not be named {f.name!r} (it is --{f.name})")
+            key, tp = prefix + f.name, hints[f.name]
+            default = getattr(defaults, f.name) if defaults is not None else _field_default(f)
+            if _is_group(tp):
+                groups.add(key)
+                collect(tp, key + ".", None if default is dataclasses.MISSING else default)
+            else:
+                options[key] = _Option(key, tp, default, f.metadata.get("help", ""), f.metadata.get("repeat", False))
+
+    collect(cls, "", None)
     return options, groups
 
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+def _is_boolish(tp: Any) -> bool:
+    return tp is bool or (typing.get_origin(tp) in (Union, types.UnionType) and bool in typing.get_args(tp))
 
 
 # -- converting values ------------------------------------------------------------------------------
@@ -139,27 +146,30 @@ class _Mismatch(Exception):
     """The value does not fit the type (message filled in by the caller, who knows the option)."""
 
 
-def _type_name(tp: Any) -> str:
+def _describe(tp: Any) -> tuple[str, str]:
+    """How an error names a type and how --help shows its value: ("int or none", "INT|none")."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        arms = [a for a in args if a is not type(None)]
-        name = " or ".join(_type_name(a) for a in arms)
-        return name + " or none" if len(arms) < len(args) else name
+        names, shown = zip(*(_describe(a) for a in args if a is not type(None)))
+        none = type(None) in args
+        return " or ".join(names) + " or none" * none, "|".join(shown) + "|none" * none
     if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
+        return "one of " + ", ".join(map(str, args)), "{" + ",".join(map(str, args)) + "}"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        names, shown = zip(*map(_describe, args))
+        return f"{len(args)} values ({', '.join(names)})", ",".join(shown)
     if origin in (list, tuple) or tp in (list, tuple):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return f"{len(args)} values ({', '.join(_type_name(a) for a in args)})"
-        inner = f" of {_type_name(args[0])}" if args else ""
-        return f"list{inner} (comma-separated or a TOML array)"
+        name, item = _describe(args[0]) if args else ("", "VALUE")
+        name = f"list{' of ' + name if args else ''} (comma-separated or a TOML array)"
+        return name, "TOML-ARRAY" if args and typing.get_origin(args[0]) in (list, tuple, dict) else item + ",..."
     if origin is dict or tp is dict:
-        return "table (TOML, e.g. {a = 1})"
-    if isinstance(tp, type) and issubclass(tp, PurePath):
-        return "path"
-    return getattr(tp, "__name__", str(tp))
+        return "table (TOML, e.g. {a = 1})", "TABLE"
+    if _is_path(tp):
+        return "path", "PATH"
+    return getattr(tp, "__name__", str(tp)), getattr(tp, "__name__", "VALUE").upper()
 
 
-def _toml_value(text: str) -> Any:
+def _read_toml_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError as e:
@@ -172,84 +182,74 @@ def _convert(value: Any, tp: Any) -> Any:
     if tp is Any or tp is object:
         return value
     if origin in (Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in NONE_WORDS)
-        if type(None) in args and is_none:
-            return None
-        reasons = []
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
-                return _convert(value, arm)
-            except _Mismatch as e:
-                reasons.append(str(e))
-        raise _Mismatch(next((r for r in reasons if r), ""))
+        return _to_union(value, args)
     if origin is Literal:
-        for choice in args:
-            if value == choice and type(value) is type(choice):
-                return choice
-            if isinstance(value, str) and not isinstance(choice, str) and value == str(choice):
-                return choice
-        raise _Mismatch()
+        return _to_choice(value, args)
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
-            return value.lower() in TRUE_WORDS
-        raise _Mismatch()
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                try:
-                    value = float(value)  # "1e4" is a fine way to write a step count
-                except ValueError:
-                    raise _Mismatch() from None
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _Mismatch()
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Mismatch()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch() from None
-        raise _Mismatch()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch()
-    if isinstance(tp, type) and issubclass(tp, PurePath):
-        if isinstance(value, (str, PurePath)):
+        return _to_bool(value)
+    if tp in (int, float):
+        return _to_number(value, tp)
+    if tp is str or _is_path(tp):
+        if isinstance(value, str) or (tp is not str and isinstance(value, PurePath)):
             return tp(value)
         raise _Mismatch()
     if origin in (list, tuple) or tp in (list, tuple):
-        return _convert_sequence(value, tuple if tuple in (origin, tp) else list, args)
+        return _to_sequence(value, tuple if tuple in (origin, tp) else list, args)
     if origin is dict or tp is dict:
-        if isinstance(value, str) and value.strip().startswith("{"):
-            value = _toml_value(value)
-        if not isinstance(value, dict):
-            raise _Mismatch()
-        if not args:
-            return dict(value)
-        return {_convert(k, args[0]): _convert(v, args[1]) for k, v in value.items()}
+        return _to_table(value, args)
     raise TypeError(f"unsupported option type {tp!r}")
 
 
-def _convert_sequence(value: Any, kind: type, args: tuple) -> Any:
+def _to_union(value: Any, args: tuple) -> Any:
+    if type(None) in args and (value is None or isinstance(value, str) and value.lower() in NONE_WORDS):
+        return None
+    reasons = []
+    for arm in (a for a in args if a is not type(None)):
+        try:
+            return _convert(value, arm)
+        except _Mismatch as e:
+            reasons.append(str(e))
+    raise _Mismatch(next((r for r in reasons if r), ""))
+
+
+def _to_choice(value: Any, choices: tuple) -> Any:
+    for choice in choices:
+        if value == choice and type(value) is type(choice):
+            return choice
+        if isinstance(value, str) and not isinstance(choice, str) and value == str(choice):
+            return choice
+    raise _Mismatch()
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.lower() in TRUE_WORDS
+    if isinstance(value, bool):
+        return value
+    raise _Mismatch()
+
+
+def _to_number(value: Any, tp: type) -> int | float:
+    if isinstance(value, str):
+        try:
+            value = tp(value)
+        except ValueError:
+            try:
+                value = float(value)  # "1e4" is a fine way to write a step count
+            except ValueError:
+                raise _Mismatch() from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Mismatch()
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise _Mismatch()
+    return tp(value)
+
+
+def _to_sequence(value: Any, kind: type, args: tuple) -> list | tuple:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            value = _toml_value(text)
+            value = _read_toml_value(text)
         else:
             value = [item.strip() for item in text.split(",")] if text else []
     if not isinstance(value, (list, tuple)):
@@ -258,8 +258,17 @@ def _convert_sequence(value: Any, kind: type, args: tuple) -> Any:
         if len(value) != len(args):
             raise _Mismatch(f"expected {len(args)} values, got {len(value)}")
         return tuple(_convert(v, a) for v, a in zip(value, args))
-    items = [_convert(v, args[0]) if args else v for v in value]
-    return kind(items)
+    return kind(_convert(v, args[0]) if args else v for v in value)
+
+
+def _to_table(value: Any, args: tuple) -> dict:
+    if isinstance(value, str) and value.strip().startswith("{"):
+        value = _read_toml_value(value)
+    if not isinstance(value, dict):
+        raise _Mismatch()
+    if not args:
+        return dict(value)
+    return {_convert(k, args[0]): _convert(v, args[1]) for k, v in value.items()}
 
 
 def _coerce(value: Any, option: _Option, where: str) -> Any:
@@ -267,24 +276,17 @@ def _coerce(value: Any, option: _Option, where: str) -> Any:
         return _convert(value, option.type)
     except _Mismatch as e:
         detail = f" ({e})" if str(e) else ""
-        raise ConfigError(f"{where}: expected {_type_name(option.type)}, got {value!r}{detail}") from None
+        raise ConfigError(f"{where}: expected {_describe(option.type)[0]}, got {value!r}{detail}") from None
 
 
-def _is_boolish(tp: Any) -> bool:
-    return tp is bool or (typing.get_origin(tp) in (Union, types.UnionType) and bool in typing.get_args(tp))
+# -- config files -----------------------------------------------------------------------------------
 
 
-# -- reading files and the command line -------------------------------------------------------------
-
-
-def _unknown(
-    shown: str, key: str, known: list[str], display: Callable[[str], str], where: str
-) -> ConfigError:
+def _unknown(shown: str, key: str, known: list[str], display: Callable[[str], str], where: str) -> ConfigError:
     scores = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
     best = max(scores.values(), default=0.0)
     # Only the near-best matches: a shared "optim." prefix alone should not make a suggestion.
-    close = [k for k, s in scores.items() if s >= 0.6 and s >= best - 0.1]
-    close = sorted(close, key=lambda k: -scores[k])[:3]
+    close = sorted((k for k, s in scores.items() if s >= 0.6 and s >= best - 0.1), key=lambda k: -scores[k])[:3]
     last = key.rsplit(".", 1)[-1]
     same_name = [k for k in known if k.rsplit(".", 1)[-1] == last]  # the right field, wrong group
     close = same_name + [k for k in close if k not in same_name]
@@ -297,10 +299,7 @@ def _read_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            data = tomllib.loads(path.read_text())
+        data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot be parsed ({e})") from None
     if not isinstance(data, dict):
@@ -327,59 +326,112 @@ def _file_values(data: dict, options: dict[str, _Option], groups: set[str], sour
     return values
 
 
-def _cli_values(
-    argv: list[str], options: dict[str, _Option], groups: set[str]
-) -> tuple[list[str], list[tuple[str, Any, str]]]:
-    """Split argv into config files and (key, raw value, flag as typed) overrides, in order."""
-    files: list[str] = []
-    overrides: list[tuple[str, Any, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"unexpected argument {arg!r}; options are written --name value")
-        name, has_value, value = arg[2:].partition("=")
-        key = name.replace("-", "_")
-        shown = "--" + name
-        nxt = argv[i] if i < len(argv) else None
-        if key == "config":
-            if not has_value:
-                if nxt is None or nxt.startswith("--"):
-                    raise ConfigError("--config: missing value (expected a .toml or .json file)")
-                value, i = nxt, i + 1
-            files.append(value)
-            continue
-        option = options.get(key)
-        if option is None:
-            # --no-flag; in a group, --no-optim.fused and --optim.no-fused both work
-            head, dot, last = key.rpartition(".")
-            base = None
-            if key.startswith("no_"):
-                base = key[3:]
-            elif last.startswith("no_"):
-                base = head + dot + last[3:]
-            if base in options and _is_boolish(options[base].type) and not has_value:
-                overrides.append((base, False, shown))
-                continue
-            if key in groups:
-                fields = [_flag(k) for k in options if k.startswith(key + ".")]
-                example = f", e.g. {fields[0]}" if fields else ""
-                raise ConfigError(f"{shown} is a group of options; set its fields{example}")
-            raise _unknown(shown, key, list(options), _flag, "")
-        if not has_value:
-            if _is_boolish(option.type):
-                words = TRUE_WORDS + FALSE_WORDS + (NONE_WORDS if option.type is not bool else ())
-                if nxt is not None and nxt.lower() in words:
-                    value, i = nxt, i + 1
-                else:
-                    value = True  # a bare --flag
-            elif nxt is None or nxt.startswith("--"):
-                raise ConfigError(f"{shown}: missing value (expected {_type_name(option.type)})")
-            else:
-                value, i = nxt, i + 1
-        overrides.append((key, value, shown))
-    return files, overrides
+# -- the command line: argparse ---------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, raising its mistakes as ConfigError instead of printing the usage and exiting."""
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        # Every option here starts with "--", so any other word is a value, `--lr -1e-4` included
+        # (argparse would take it for an option, as it does any "-" word but a plain negative number).
+        return super()._parse_optional(arg_string) if arg_string.startswith("--") else None
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message.removeprefix("argument "))
+
+    def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
+        raise ConfigError((message or "").strip() or f"the option parser stopped (status {status})")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option once (`--max-steps INT`, `--compile, --no-compile`), not every spelling it
+    accepts; lines are not wrapped, so a help text reads whole at any terminal width."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=36, width=1 << 16)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        return action.shown  # every action here is a _Given
+
+
+_NO_VALUE = object()  # argparse's `const` when an option is given without a value
+
+
+class _Given(argparse.Action):
+    """Notes (field, text, option as typed) in command-line order; `_resolve` converts the texts
+    after parsing, by the same rules as a file's values, so an unknown option is reported first.
+
+    The value is optional to argparse: a missing one is then reported naming the option as typed,
+    and a bool can be `--flag`, `--flag false` or (one of `negations`) `--no-flag`."""
+
+    def __init__(self, option_strings, dest, *, shown, expects, flag=False, negations=(), **kwargs):
+        super().__init__(option_strings, dest, nargs="?", const=_NO_VALUE, default=argparse.SUPPRESS, **kwargs)
+        self.shown, self.expects, self.flag, self.negations = shown, expects, flag, negations
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if option_string in self.negations:
+            if value is not _NO_VALUE:
+                raise ConfigError(f"{option_string} takes no value, got {value!r}")
+            value = False
+        elif value is _NO_VALUE:
+            if not self.flag:
+                raise ConfigError(f"{option_string}: missing value (expected {self.expects})")
+            value = True
+        namespace.given.append((self.dest, value, option_string))
+
+
+def _spellings(*names: str) -> list[str]:
+    """`--max_steps` with dashes first (the one --help shows), then as written."""
+    return list(dict.fromkeys([n.replace("_", "-") for n in names] + list(names)))
+
+
+def _parser(options: dict[str, _Option], description: str = "", prog: str | None = None) -> _Parser:
+    parser = _Parser(
+        prog=prog or os.path.basename(sys.argv[0]) or "prog",
+        usage="%(prog)s [--config FILE] [--option VALUE ...]",
+        description=description.strip() or None,
+        formatter_class=_HelpFormatter,
+        add_help=False,  # --help is answered before parsing: it wins over any mistake beside it
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", action=_Given, shown="--config FILE", expects="a .toml or .json file",
+                        help="TOML or JSON file of options; command-line options override it")
+    for opt in options.values():
+        head, dot, last = opt.key.rpartition(".")
+        flag, (expects, metavar) = _is_boolish(opt.type), _describe(opt.type)
+        negations = _spellings("--no_" + opt.key, *([f"--{head}.no_{last}"] if dot else [])) if flag else []
+        shown = f"{_flag(opt.key)}, {negations[0]}" if opt.type is bool else f"{_flag(opt.key)} {metavar}"
+        default = f"({_show_default(opt.default)})"
+        text = (f"{opt.help} {default}" if opt.help else default).replace("%", "%%")  # argparse formats it with %
+        parser.add_argument(*_spellings("--" + opt.key), *negations, action=_Given, dest=opt.key, help=text,
+                            shown=shown, expects=expects, flag=flag, negations=negations)
+    return parser
+
+
+def _show_default(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "required"
+    if value is None:
+        return "default: none"
+    if isinstance(value, (list, tuple)):
+        return "default: " + (",".join(str(v) for v in value) if value else "empty")
+    if isinstance(value, str):
+        return f"default: {value!r}"
+    return f"default: {value}"
+
+
+def _not_an_option(arg: str, options: dict[str, _Option], groups: set[str]) -> ConfigError:
+    """The error for the first word argparse could not place."""
+    if not arg.startswith("--") or arg == "--":
+        return ConfigError(f"unexpected argument {arg!r}; options are written --name value")
+    name = arg[2:].partition("=")[0]
+    key = name.replace("-", "_")
+    if key in groups:
+        fields = [_flag(k) for k in options if k.startswith(key + ".")]
+        example = f", e.g. {fields[0]}" if fields else ""
+        return ConfigError(f"--{name} is a group of options; set its fields{example}")
+    return _unknown("--" + name, key, list(options), _flag, "")
 
 
 # -- building the dataclass -------------------------------------------------------------------------
@@ -397,41 +449,25 @@ def _build(cls: type, values: dict[str, Any], prefix: str, base: Any) -> Any:
     hints = _type_hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
+        key, tp = prefix + f.name, hints[f.name]
         if not f.init:
             continue
-        key = prefix + f.name
-        tp = hints[f.name]
         if _is_group(tp):
             inner = getattr(base, f.name) if base is not None else _field_default(f)
-            if inner is dataclasses.MISSING:
-                kwargs[f.name] = _build(tp, values, key + ".", None)
-            elif any(k.startswith(key + ".") for k in values):
-                kwargs[f.name] = _build(tp, values, key + ".", inner)
-            elif base is not None:
-                kwargs[f.name] = inner
+            if inner is dataclasses.MISSING or any(k.startswith(key + ".") for k in values):
+                kwargs[f.name] = _build(tp, values, key + ".", None if inner is dataclasses.MISSING else inner)
         elif key in values:
             kwargs[f.name] = values[key]
-        elif base is not None:
-            kwargs[f.name] = getattr(base, f.name)
-        elif _field_default(f) is dataclasses.MISSING:
-            raise ConfigError(f"missing required option {_flag(key)} ({_type_name(tp)})")
-    if base is not None and base == _fresh(cls):
-        # The default is the plain class default: build from the overrides alone, so values that
-        # __post_init__ derives from other fields (e.g. head_dim from hidden_size) are derived again.
-        kwargs = {k: v for k, v in kwargs.items() if k in _overridden(cls, values, prefix)}
+        elif base is None and _field_default(f) is dataclasses.MISSING:
+            raise ConfigError(f"missing required option {_flag(key)} ({_describe(tp)[0]})")
     try:
-        return cls(**kwargs)
+        if base is None or base == _fresh(cls):
+            # From the overrides alone, so that values __post_init__ derives from other fields
+            # (e.g. head_dim from hidden_size) are derived again.
+            return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
-
-
-def _overridden(cls: type, values: dict[str, Any], prefix: str) -> set[str]:
-    names = set()
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        if key in values or any(k.startswith(key + ".") for k in values):
-            names.add(f.name)
-    return names
 
 
 def _validate(obj: Any, where: str) -> None:
@@ -450,6 +486,7 @@ def _validate(obj: Any, where: str) -> None:
 
 
 def _resolve(cls: type[T], files: list[str | os.PathLike], overrides: list[tuple[str, Any, str]]) -> T:
+    """Defaults < each file in turn < the command line's (field, text, option as typed), in order."""
     options, groups = _options(cls)
     values: dict[str, Any] = {}
     for path in files:
@@ -481,8 +518,16 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, description: st
         print(format_help(cls, description=description))
         raise SystemExit(0)
     options, groups = _options(cls)
-    files, overrides = _cli_values(argv, options, groups)
-    return _resolve(cls, files, overrides)
+    given, extra = _parser(options).parse_known_args(argv, argparse.Namespace(given=[]))
+    if extra:
+        raise _not_an_option(extra[0], options, groups)
+    files = [value for key, value, _ in given.given if key == "config"]
+    return _resolve(cls, files, [g for g in given.given if g[0] != "config"])
+
+
+def format_help(cls: type, *, description: str = "", prog: str | None = None) -> str:
+    """The --help text: usage, description, then every option with its help and default."""
+    return _parser(_options(cls)[0], description, prog).format_help().rstrip("\n")
 
 
 def require(*rules: tuple[str, Any, bool, str]) -> None:
@@ -545,6 +590,9 @@ def _leave_process_group(clean: bool) -> None:
         dist.destroy_process_group()
 
 
+# -- writing the resolved config --------------------------------------------------------------------
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain JSON values: nested dataclasses become dicts, paths strings, tuples lists."""
     if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
@@ -572,52 +620,42 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     data = config_to_dict(cfg)
-    as_json = json.dumps(data, indent=2) + "\n"
-    if path.suffix in (".json", ".toml"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = as_json if path.suffix == ".json" else to_toml(data)
-        write_atomic(path, lambda f: Path(f).write_text(text))
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / "config.json", lambda f: Path(f).write_text(as_json))
-    write_atomic(path / "config.toml", lambda f: Path(f).write_text(to_toml(data)))
-    return path / "config.json"
+    texts = {".json": json.dumps(data, indent=2) + "\n", ".toml": to_toml(data)}
+    if path.suffix in texts:
+        files = {path: texts[path.suffix]}
+    else:
+        files = {path / "config.json": texts[".json"], path / "config.toml": texts[".toml"]}
+    for file, text in files.items():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(file, lambda tmp, text=text: Path(tmp).write_text(text))
+    return next(iter(files))
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
-    """A plain dict as TOML. TOML has no null, so None is written as the string "none", which every
-    `X | None` option reads back as None."""
+    """A plain dict (str, int, float, bool, None, lists, dicts) as TOML: a non-empty dict value is a
+    [table], one inside a list an inline table. TOML has no null, so None is written as the string
+    "none", which every `X | None` option reads back as None."""
     lines = ["# Resolved configuration; use with --config. (none = unset: TOML has no null.)"]
-    _toml_table(data, [], lines)
+
+    def table(data: Mapping[str, Any], name: str) -> None:
+        tables = {k: v for k, v in data.items() if isinstance(v, Mapping) and v}
+        lines.extend(f"{_toml_key(k)} = {_toml(v)}" for k, v in data.items() if k not in tables)
+        for key, value in tables.items():  # after the plain keys: those would belong to the table
+            full = f"{name}.{_toml_key(key)}" if name else _toml_key(key)
+            lines.extend(["", f"[{full}]"])
+            table(value, full)
+
+    table(data, "")
     return "\n".join(lines) + "\n"
 
 
-def _toml_table(data: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
-    tables = {k: v for k, v in data.items() if isinstance(v, Mapping) and v and _all_tables_ok(v)}
-    for key, value in data.items():
-        if key not in tables:
-            lines.append(f"{_toml_key(key)} = {_toml_scalar(value)}")
-    for key, value in tables.items():
-        lines.append("")
-        lines.append("[" + ".".join(_toml_key(k) for k in [*path, key]) + "]")
-        _toml_table(value, [*path, key], lines)
-
-
-def _all_tables_ok(table: Mapping) -> bool:
-    return all(isinstance(k, str) for k in table)
-
-
-def _toml_key(key: str) -> str:
+def _toml_key(key: Any) -> str:
+    key = str(key)
     bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
-    return key if bare else _toml_string(key)
+    return key if bare else _toml(key)
 
 
-def _toml_string(s: str) -> str:
-    # JSON strings are valid TOML basic strings once DEL (allowed raw in JSON) is escaped too.
-    return json.dumps(s, ensure_ascii=True).replace("\x7f", "\\u007f")
-
-
-def _toml_scalar(value: Any) -> str:
+def _toml(value: Any) -> str:
     if value is None:
         return '"none"'
     if isinstance(value, bool):
@@ -625,74 +663,14 @@ def _toml_scalar(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+        return repr(value)  # also for nan, inf and -inf, which TOML spells the same way
     if isinstance(value, str):
-        return _toml_string(value)
+        # JSON escapes quotes, backslashes and control characters as TOML does; DEL and all past ASCII
+        # are escaped here, as \U for characters past \uffff (JSON's surrogate pairs are not TOML).
+        return "".join(c if c < "\x7f" else f"\\u{ord(c):04x}" if c <= "\uffff" else f"\\U{ord(c):08x}"
+                       for c in json.dumps(value, ensure_ascii=False))
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_scalar(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-# -- help -------------------------------------------------------------------------------------------
-
-
-def _metavar(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        arms = [_metavar(a) for a in args if a is not type(None)]
-        return "|".join(arms) + ("|none" if type(None) in args else "")
-    if origin is Literal:
-        return "{" + ",".join(str(a) for a in args) + "}"
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return ",".join(_metavar(a) for a in args)
-    if origin in (list, tuple) or tp in (list, tuple):
-        if args and typing.get_origin(args[0]) in (list, tuple, dict):
-            return "TOML-ARRAY"
-        return (_metavar(args[0]) if args else "VALUE") + ",..."
-    if origin is dict or tp is dict:
-        return "TABLE"
-    if isinstance(tp, type) and issubclass(tp, PurePath):
-        return "PATH"
-    return getattr(tp, "__name__", "VALUE").upper()
-
-
-def _show_default(value: Any) -> str:
-    if value is dataclasses.MISSING:
-        return "required"
-    if value is None:
-        return "default: none"
-    if isinstance(value, (list, tuple)):
-        return "default: " + (",".join(str(v) for v in value) if value else "empty")
-    if isinstance(value, str):
-        return f"default: {value!r}"
-    return f"default: {value}"
-
-
-def format_help(cls: type, *, description: str = "", prog: str | None = None) -> str:
-    """The --help text: usage, description, then every option with its help and default."""
-    options, _ = _options(cls)
-    prog = prog or os.path.basename(sys.argv[0]) or "prog"
-    rows = [("--config FILE", "TOML or JSON file of options; command-line options override it")]
-    for opt in options.values():
-        if opt.type is bool:
-            left = f"{_flag(opt.key)}, --no-{_flag(opt.key)[2:]}"
-        else:
-            left = f"{_flag(opt.key)} {_metavar(opt.type)}"
-        default = f"({_show_default(opt.default)})"
-        text = f"{opt.help} {default}" if opt.help else default
-        rows.append((left, text))
-    width = min(max(len(left) for left, _ in rows), 32)
-    out = [f"usage: {prog} [--config FILE] [--option VALUE ...]"]
-    if description.strip():
-        out += ["", description.strip()]
-    out += ["", "options:"]
-    for left, text in rows:
-        if len(left) > width:
-            out += [f"  {left}", f"  {'':{width}}  {text}"]
-        else:
-            out.append(f"  {left:{width}}  {text}")
-    return "\n".join(out)
