@@ -5,19 +5,24 @@ tokenizer and a small Qwen2-style model pretrained from scratch on task text, sa
 Hugging Face checkpoint and cached. Then:
 
     SFT      on chat-format examples of levels 1-6 in which, as in data mixing thinking and
-             non-thinking answers, fewer than half work the problem out (<think> one equation per
-             line </think> <answer> result </answer>) and the rest answer with an empty think block
+             non-thinking answers, a minority work the problem out (<think> each operation digit by
+             digit, then its equation </think> <answer> result </answer>) and the rest answer with
+             an empty think block
     GRPO     from the SFT model, on all levels with accuracy + format + thinking rewards,
              a curriculum and a temperature schedule: it learns which of the two behaviours the
              SFT model imitates gets answers right
-    control  SFT continued from the same SFT model for the same wall time as GRPO, so "GRPO
-             helped" cannot mean "it just trained longer"
+    control  SFT continued from the same SFT model on the same data, for a number of steps that
+             takes at least GRPO's wall time, so "GRPO helped" cannot mean "it just trained longer"
 
 Each stage is evaluated on the same fixed held-out split (data/arithmetic/test.jsonl): greedy
-accuracy with a 95% interval, avg@k, and accuracy per difficulty level. Everything lands in
-out/demo/, with report.md as the summary.
+accuracy with a 95% interval, avg@k, and accuracy per difficulty level; SFT and the control are
+evaluated on it as they train too. Everything lands in out/demo/, with report.md as the summary
+and story.png as the figure.
 
-    python scripts/demo.py                 # the full demo, about 11 minutes on 2 CPU cores
+The pretraining text is worked digit by digit (tasks/arithmetic.py, work="columns"): a model
+this small cannot add two-digit numbers in one go, but it can write one column at a time.
+
+    python scripts/demo.py                 # the full demo, about 10 minutes on 2 CPU cores
     python scripts/demo.py --seeds 0,1,2   # once per seed, and a report over them (out/demo/report.md)
     python scripts/demo.py --toy           # the same pipeline at toy scale, seconds
     python scripts/demo.py --help          # every option
@@ -35,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nanopost.data import tokenize_prompt
@@ -60,8 +66,9 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 # Accuracy decides. Format and thinking are small bonuses: among wrong answers they favour the
 # ones that work the problem out, and together they never outweigh one right answer. The thinking
-# reward pays only true steps grounded in the question's numbers that end at the answer; the
-# reasoning here is equations, so free text earns nothing (arithmetic_weight 1).
+# reward pays only true steps grounded in the question's numbers that end at the answer (here each
+# operation's equation; its digit columns start from digits, not from the question's numbers, so
+# they count as steps that are not paid), and free text earns nothing (arithmetic_weight 1).
 REWARDS = {"accuracy": 1.0, "format": 0.1, "thinking": 0.1}
 THINKING = {"arithmetic_weight": 1.0}
 
@@ -77,9 +84,13 @@ class DemoConfig:
     test_per_level: int = field(default=30, metadata={"help": "held-out prompts per level"})
     sft_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6],
                                   metadata={"help": "levels of the SFT examples"})
-    sft_worked: float = field(default=0.45, metadata={
+    sft_worked: float = field(default=0.3, metadata={
         "help": "fraction of SFT examples with the equations written out; the rest answer with an empty "
                 "think block"})
+    work: str = field(default="columns", metadata={
+        "help": "how worked examples reason: 'equations' (one per operation) or 'columns' (each operation "
+                "digit by digit first)"})
+    max_len: int = field(default=192, metadata={"help": "tokens per pretraining and SFT row"})
     # the base model
     vocab_size: int = 384
     hidden_size: int = 128
@@ -87,32 +98,35 @@ class DemoConfig:
     heads: int = 4
     kv_heads: int = 2
     pretrain_docs: int = 30000
-    pretrain_steps: int = 600
+    pretrain_steps: int = 450
     pretrain_lr: float = 3e-3
     # SFT
     sft_examples: int = 12000
-    sft_steps: int = 1200
+    sft_steps: int = 650
     sft_lr: float = 1e-3
     # GRPO
     grpo_steps: int = 100
-    grpo_prompts: int = 16
+    grpo_prompts: int = 8
     group_size: int = 8
     grpo_lr: float = 1e-5
+    # the control
+    control_steps: int = field(default=350, metadata={"help": "SFT steps of the control (at least GRPO's wall time)"})
+    control_lr: float = 3e-4
     temperature: float = 0.8
     temperature_end: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 160
     eval_k: int = 4
     threads: int = 2
 
 
 # The same pipeline in seconds: for the tests and for trying changes to the demo itself.
-TOY = dict(test_per_level=1, pretrain_docs=300, pretrain_steps=10, sft_examples=200, sft_steps=10, grpo_steps=2,
+TOY = dict(control_steps=2, test_per_level=1, pretrain_docs=300, pretrain_steps=10, sft_examples=200, sft_steps=10, grpo_steps=2,
            grpo_prompts=4, group_size=4, hidden_size=32, layers=1, eval_k=2, vocab_size=300, max_new_tokens=16)
 
 
 def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
     """Training pools from the task generator (never overlapping the held-out split) and the test slice."""
-    task = get_task("arithmetic", split="train")
+    task = get_task("arithmetic", split="train", work=cfg.work)
     rng = random.Random(cfg.seed)
     docs = [task.sample(rng) for _ in range(cfg.pretrain_docs)]
     sft = task.make_split(cfg.sft_examples, seed=cfg.seed + 1, levels=cfg.sft_levels)
@@ -126,19 +140,22 @@ def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
         if per_level.get(r["difficulty"], 0) < cfg.test_per_level:
             per_level[r["difficulty"]] = per_level.get(r["difficulty"], 0) + 1
             test.append(r)
-    files = {name: root / f"{name}.jsonl" for name in ("pretrain", "sft", "grpo", "test")}
+    files = {name: root / f"{name}.jsonl" for name in ("pretrain", "sft", "grpo", "test", "test_sft")}
     write_jsonl([{"text": f"{d['prompt']}\n{d['reasoning']}\nAnswer: {d['answer']}"} for d in docs], files["pretrain"])
     write_jsonl([{"prompt": TEMPLATE.user_message(r["prompt"]), "completion": TEMPLATE.target(r["reasoning"], r["answer"])}
                  for r in sft], files["sft"])
     write_jsonl([{k: r[k] for k in ("id", "prompt", "answer", "difficulty")} for r in grpo], files["grpo"])
     write_jsonl([{k: r[k] for k in ("id", "prompt", "answer", "difficulty")} for r in test], files["test"])
+    # The same questions with worked replies, so SFT and the control report held-out accuracy as they go.
+    write_jsonl([{"prompt": TEMPLATE.user_message(r["prompt"]), "completion": TEMPLATE.target(**task.solve(r["prompt"]))}
+                 for r in test], files["test_sft"])
     return files
 
 
 def build_base(cfg: DemoConfig, root: Path, files: dict[str, Path], log) -> Path:
     """Tokenizer + random model, pretrained on plain task text; cached by its settings."""
     base = root / "base"
-    key = {k: getattr(cfg, k) for k in ("seed", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
+    key = {k: getattr(cfg, k) for k in ("seed", "work", "max_len", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
                                         "pretrain_docs", "pretrain_steps", "pretrain_lr")}
     key["template"] = TEMPLATE.user_message("{question}")  # the tokenizer is trained on prompts too
     key["tokenizer_texts"] = "pretraining documents + SFT prompts"
@@ -164,7 +181,7 @@ def build_base(cfg: DemoConfig, root: Path, files: dict[str, Path], log) -> Path
     tokenizer.save(init)
     log(f"base model: {model.num_params() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}; pretraining")
     train_sft(SFTConfig(model=str(init), train=str(files["pretrain"]), out=str(base / "run"), format="text",
-                        max_len=128, batch_rows=32, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                        max_len=cfg.max_len, batch_rows=32, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                         warmup_steps=20, eval_every=0, log_every=50, seed=cfg.seed, overwrite=True), log=log)
     final = base / "model"
     src = checkpoint_path(base / "run", "last")
@@ -201,9 +218,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     # A rerun of the demo trains every stage again into the same directories (only the base is cached).
     log(f"SFT on levels {','.join(map(str, cfg.sft_levels))}, {cfg.sft_worked:.0%} of the examples worked out")
     sft_run = root / "sft"
-    train_sft(SFTConfig(model=str(base), train=str(files["sft"]), out=str(sft_run), max_len=128, batch_rows=32,
-                        max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=20, eval_every=0, log_every=50,
-                        seed=cfg.seed, overwrite=True), log=log, monitor=LiveMonitor)
+    held_out = dict(val=str(files["test_sft"]), eval_accuracy_samples=10**6, max_new_tokens=cfg.max_new_tokens)
+    train_sft(SFTConfig(model=str(base), train=str(files["sft"]), out=str(sft_run), max_len=cfg.max_len, batch_rows=32,
+                        max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=20, eval_every=max(cfg.sft_steps // 4, 1),
+                        log_every=50, seed=cfg.seed, overwrite=True, **held_out), log=log, monitor=LiveMonitor)
     sft_model = checkpoint_path(sft_run, "last")
 
     log("GRPO: accuracy + format + thinking rewards, curriculum easy -> hard, hotter late")
@@ -211,13 +229,16 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     grpo_cfg = GRPOConfig(
         model=str(sft_model), train=str(files["grpo"]), val=str(files["test"]), out=str(grpo_run),
         task="arithmetic", instruction=TEMPLATE.instruction,
-        rewards=REWARDS,
+        # worked_out (weight 0) pays nothing: it only logs the share of completions that work it out.
+        rewards={**REWARDS, "worked_out": 0.0},
         # Dr. GRPO's unscaled advantages: dividing by a group's std would blow the small
         # format/thinking differences of an all-wrong group up to full size, and the policy
         # then learns to please them instead of getting answers right (seen in practice here).
         adv_scale="none", steps=cfg.grpo_steps, prompts_per_step=cfg.grpo_prompts, group_size=cfg.group_size,
         max_new_tokens=cfg.max_new_tokens, dynamic_sampling="drop", lr=cfg.grpo_lr,
-        eval_every=max(cfg.grpo_steps // 2, 1), eval_samples=10**6, log_every=10, seed=cfg.seed, overwrite=True,
+        # Four evaluations: by step 50 the live monitor judges format against held-out accuracy, not
+        # against the train accuracy, which falls as the curriculum brings harder prompts in.
+        eval_every=max(cfg.grpo_steps // 4, 1), eval_samples=10**6, log_every=10, seed=cfg.seed, overwrite=True,
         # Easy levels first, all levels later with the hard ones in; prompts the model sometimes
         # solves are preferred (p(1 - p) weighting); the later stage samples hotter.
         curriculum="learnability",
@@ -225,16 +246,21 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                            {"until": 1.0, "temperature": cfg.temperature_end}])
     t0 = time.perf_counter()
     train_grpo(grpo_cfg,
-               extra_rewards={"thinking": sample_reward("thinking", **THINKING)}, log=log, monitor=LiveMonitor)
+               extra_rewards={"thinking": sample_reward("thinking", **THINKING), "worked_out": worked_out},
+               log=log, monitor=LiveMonitor)
     grpo_seconds = time.perf_counter() - t0
 
-    log(f"control: SFT continued for the same wall time ({grpo_seconds:.0f}s)")
+    # A step budget, not GRPO's wall time: a budget in seconds would follow the machine's load of the
+    # moment, and the control would not repeat. Its steps are chosen to take at least GRPO's time.
+    log(f"control: SFT continued for {cfg.control_steps} steps (GRPO took {grpo_seconds:.0f}s)")
     control_run = root / "control"
-    train_sft(SFTConfig(model=str(sft_model), train=str(files["sft"]), out=str(control_run), max_len=128,
-                        batch_rows=32, max_steps=10**6, max_seconds=grpo_seconds, lr=cfg.sft_lr * 0.3,
-                        schedule="constant", warmup_steps=0, eval_every=0, log_every=100, seed=cfg.seed + 7,
-                        overwrite=True),
+    t0 = time.perf_counter()
+    train_sft(SFTConfig(model=str(sft_model), train=str(files["sft"]), out=str(control_run), max_len=cfg.max_len,
+                        batch_rows=32, max_steps=cfg.control_steps, lr=cfg.control_lr, schedule="constant",
+                        warmup_steps=0, eval_every=max(cfg.control_steps // 2, 1), log_every=100, seed=cfg.seed + 7,
+                        overwrite=True, **held_out),
               log=log, monitor=LiveMonitor)
+    control_seconds = time.perf_counter() - t0
 
     log("evaluating every stage on the held-out split")
     results = {}
@@ -244,28 +270,31 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         results[name] = eval_stage(model_dir, files["test"], cfg, k=0 if name == "base" else cfg.eval_k)
         log(f"  {name:8s} accuracy {results[name]['accuracy']:.3f}")
     total = time.perf_counter() - t_start
-    report = render_report(cfg, results, grpo_seconds, total)
+    report = render_report(cfg, results, grpo_seconds, control_seconds, total)
     findings = diagnose(read_metrics(grpo_run))
     report += "\n## Diagnostics of the GRPO run\n\n" + (format_report(findings) if findings else "No finding.") + "\n"
     try:
-        # On a time axis: 1,200 SFT steps, 100 GRPO steps and the control's equal wall time line up.
+        story_figure([root], [results], root / "story.png")
+        # Every logged curve, on a time axis: runs of very different step costs line up.
         plot_runs([sft_run, grpo_run, control_run], root / "curves.png", x="minutes")
-        report += "\n![training curves](curves.png)\n"
+        report += "\n![the demo at a glance](story.png)\n\n![training curves](curves.png)\n"
     except ModuleNotFoundError as e:  # matplotlib is optional; the report says why the picture is missing
-        report += f"\n(no curves: {e})\n"
+        report += f"\n(no figures: {e})\n"
     (root / "report.md").write_text(report)
     (root / "results.json").write_text(json.dumps({"results": results, "seconds": total}, indent=2, default=str))
     log(f"report: {root / 'report.md'} ({total / 60:.1f} min)")
     return results
 
 
-def render_report(cfg: DemoConfig, results: dict, grpo_seconds: float, total_seconds: float) -> str:
+def render_report(cfg: DemoConfig, results: dict, grpo_seconds: float, control_seconds: float,
+                  total_seconds: float) -> str:
     k = cfg.eval_k
     lines = ["# nanopost demo report", "",
              f"Held-out multi-step arithmetic, {results['sft']['n']} prompts ({cfg.test_per_level} per level). "
              f"SFT saw levels {', '.join(map(str, cfg.sft_levels))}, {cfg.sft_worked:.0%} of its examples worked out "
              f"and the rest answered with an empty think block; GRPO trained on all levels. "
-             f"The control is SFT continued for GRPO's wall time ({grpo_seconds:.0f}s). Total {total_seconds / 60:.1f} min.",
+             f"GRPO trained for {grpo_seconds:.0f}s; the control, SFT continued on the same data, for {cfg.control_steps} "
+             f"steps in {control_seconds:.0f}s. Total {total_seconds / 60:.1f} min.",
              "", f"| stage | greedy accuracy (95% CI) | avg@{k} | pass@{k} | worked out |", "|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['accuracy']:.3f} ({r['accuracy_lo']:.3f}–{r['accuracy_hi']:.3f}) "
@@ -284,6 +313,75 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
+# ------------------------------------------------------------------------------ the figure
+
+COLORS = {"sft": "C0", "control": "C2", "grpo": "C1"}
+
+
+def story_figure(roots: list[Path], results: list[dict], out: Path) -> Path:
+    """The demo at a glance, over one seed or several (one line or dot per seed):
+
+    held-out accuracy against minutes of training (GRPO and the control start where SFT ends), greedy
+    accuracy per level, GRPO's training reward beside its held-out accuracy and worked-out share, and
+    each stage's final greedy accuracy with its 95% interval.
+    """
+    from nanopost.tools.plot import require_matplotlib, series
+
+    Figure = require_matplotlib()
+    fig = Figure(figsize=(15, 3.6), layout="constrained")
+    over_time, per_level, grpo_ax, final = fig.subplots(1, 4, width_ratios=[1.3, 1.2, 1.2, 0.8])
+    for i, root in enumerate(roots):
+        runs = {name: read_metrics(root / name) for name in STAGES}
+        sft_end = series(runs["sft"], "train", "loss", x="minutes")[0][-1]
+        sft_last = series(runs["sft"], "eval", "accuracy", x="minutes")
+        for name, rows in runs.items():
+            x, y = series(rows, "eval", "accuracy", x="minutes")
+            start = 0.0 if name == "sft" else sft_end
+            if name == "control":  # the control starts from the SFT model: its line starts at SFT's last point
+                x, y = np.r_[sft_last[0][-1:] - sft_end, x], np.r_[sft_last[1][-1:], y]
+            over_time.plot(x + start, y, "o-", color=COLORS[name], ms=3, alpha=0.9 if len(roots) == 1 else 0.6,
+                           label=name if i == 0 else None)
+        steps, accuracy = series(runs["grpo"], "train", "reward_accuracy_mean")
+        smooth = np.convolve(accuracy, np.ones(5) / 5, mode="same") if len(accuracy) >= 5 else accuracy
+        grpo_ax.plot(steps, smooth, color="C1", alpha=0.8, label="train accuracy reward" if i == 0 else None)
+        grpo_ax.plot(*series(runs["grpo"], "train", "measure_worked_out_mean"), color="C4", alpha=0.8,
+                     label="worked out (train)" if i == 0 else None)
+        grpo_ax.plot(*series(runs["grpo"], "eval", "accuracy"), "o-", color="C3", ms=3,
+                     label="held-out accuracy" if i == 0 else None)
+    over_time.set(title="held-out greedy accuracy", xlabel="minutes of training (SFT, then each arm)")
+    over_time.legend()
+    grpo_ax.set(title="GRPO", xlabel="step", ylim=(0, 1.02))
+    grpo_ax.legend(fontsize=8)
+
+    levels = sorted({float(lvl) for r in results for lvl in r["grpo"]["per_difficulty"]})
+    width = 0.8 / len(STAGES)
+    for j, name in enumerate(STAGES):
+        values = np.array([[r[name]["per_difficulty"].get(lvl, r[name]["per_difficulty"].get(str(lvl), np.nan))
+                            for lvl in levels] for r in results], dtype=float)
+        xs = np.arange(len(levels)) + (j - 1) * width
+        per_level.bar(xs, values.mean(0), width, color=COLORS[name], label=name)
+        if len(results) > 1:
+            per_level.errorbar(xs, values.mean(0), yerr=[values.mean(0) - values.min(0), values.max(0) - values.mean(0)],
+                               fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    per_level.set(title="greedy accuracy per level" + (" (mean, min-max)" if len(results) > 1 else ""),
+                  xlabel="level (1-3: one digit, 4-6: two, 7-9: three)", xticks=np.arange(len(levels)),
+                  xticklabels=[f"{lvl:g}" for lvl in levels], ylim=(0, 1.02))
+    per_level.legend(fontsize=8)
+
+    for j, name in enumerate(STAGES):
+        for k, r in enumerate(results):
+            x = j + (k - (len(results) - 1) / 2) * 0.12
+            final.errorbar(x, r[name]["accuracy"], yerr=[[r[name]["accuracy"] - r[name]["accuracy_lo"]],
+                                                         [r[name]["accuracy_hi"] - r[name]["accuracy"]]],
+                           fmt="o", color=COLORS[name], ms=4, capsize=2)
+    final.set(title="final, 95% CI" + (" per seed" if len(results) > 1 else ""),
+              xticks=range(len(STAGES)), xticklabels=STAGES, xlim=(-0.6, len(STAGES) - 0.4))
+    for ax in (over_time, per_level, grpo_ax, final):
+        ax.grid(alpha=0.3)
+    fig.savefig(out, dpi=110)
+    return out
+
+
 # ------------------------------------------------------------------------------ several seeds
 
 STAGES = ("sft", "control", "grpo")
@@ -300,7 +398,13 @@ def run_seeds(cfg: DemoConfig, log=print) -> dict[int, dict]:
         log(f"== seed {seed}")
         per_seed[seed] = run_demo(dataclasses.replace(cfg, seed=seed, seeds=[], out=str(root / f"seed-{seed}")), log=log)
     minutes = (time.perf_counter() - t0) / 60
-    (root / "report.md").write_text(render_seeds_report(per_seed, minutes))
+    report = render_seeds_report(per_seed, minutes)
+    try:
+        story_figure([root / f"seed-{seed}" for seed in per_seed], list(per_seed.values()), root / "story.png")
+        report += "\n![the demo over seeds](story.png)\n"
+    except ModuleNotFoundError as e:
+        report += f"\n(no figure: {e})\n"
+    (root / "report.md").write_text(report)
     (root / "results.json").write_text(json.dumps({"per_seed": per_seed, "minutes": minutes}, indent=2, default=str))
     log(f"report: {root / 'report.md'} ({minutes:.1f} min)")
     return per_seed

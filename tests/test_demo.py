@@ -16,7 +16,16 @@ def test_toy_demo_writes_a_complete_report(tmp_path):
     assert all(f"| {lvl} |" in report for lvl in range(1, 10))
     grpo_rows = [r for r in read_metrics(tmp_path / "grpo") if r["kind"] == "train"]
     assert [r["step"] for r in grpo_rows] == [1, 2] and all("reward_accuracy_mean" in r for r in grpo_rows)
-    assert any(line.startswith("control: SFT continued for the same wall time") for line in lines)
+    # The worked-out share is logged beside the rewards, as a measure that pays nothing.
+    assert all(0 <= r["measure_worked_out_mean"] <= 1 and "reward_worked_out_mean" not in r for r in grpo_rows)
+    # The control's budget is its steps (a time budget would not repeat), and SFT and the control
+    # report held-out accuracy as they train, for the figure's shared time axis.
+    assert any(line.startswith(f"control: SFT continued for {TOY['control_steps']} steps") for line in lines)
+    control_rows = read_metrics(tmp_path / "control")
+    assert max(r["step"] for r in control_rows if r["kind"] == "train") == TOY["control_steps"]
+    for stage in ("sft", "control"):
+        assert [r for r in read_metrics(tmp_path / stage) if r["kind"] == "eval" and "accuracy" in r]
+    assert (tmp_path / "story.png").stat().st_size > 0 and "![the demo at a glance](story.png)" in report
 
     again = []
     run_demo(DemoConfig(out=str(tmp_path), **TOY), log=again.append)
@@ -36,6 +45,7 @@ def test_toy_demo_over_seeds_writes_one_report_over_them(tmp_path):
     assert "| mean ± sd | " in report
     assert "| level | seed 0 | seed 1 | mean |" in report and all(f"| {lvl} |" in report for lvl in range(1, 10))
     assert "Levels 4–6 together: " in report
+    assert (tmp_path / "story.png").stat().st_size > 0 and "![the demo over seeds](story.png)" in report
     # Each seed draws its own data: the two SFT sets differ.
     assert (tmp_path / "seed-0" / "data" / "sft.jsonl").read_text() != (tmp_path / "seed-1" / "data" / "sft.jsonl").read_text()
 
