@@ -98,24 +98,24 @@ class DemoConfig:
     heads: int = 4
     kv_heads: int = 2
     pretrain_docs: int = 30000
-    pretrain_steps: int = 450
+    pretrain_steps: int = 500
     pretrain_lr: float = 3e-3
     # SFT
     sft_examples: int = 12000
-    sft_steps: int = 650
+    sft_steps: int = 900
     sft_lr: float = 1e-3
     # GRPO
-    grpo_steps: int = 100
+    grpo_steps: int = 60
     grpo_prompts: int = 8
     group_size: int = 8
     grpo_lr: float = 1e-5
     # the control
-    control_steps: int = field(default=350, metadata={"help": "SFT steps of the control (at least GRPO's wall time)"})
+    control_steps: int = field(default=210, metadata={"help": "SFT steps of the control (at least GRPO's wall time)"})
     control_lr: float = 3e-4
     temperature: float = 0.8
     temperature_end: float = 1.0
     max_new_tokens: int = 160
-    eval_k: int = 4
+    eval_k: int = 2
     threads: int = 2
 
 
@@ -220,7 +220,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     sft_run = root / "sft"
     held_out = dict(val=str(files["test_sft"]), eval_accuracy_samples=10**6, max_new_tokens=cfg.max_new_tokens)
     train_sft(SFTConfig(model=str(base), train=str(files["sft"]), out=str(sft_run), max_len=cfg.max_len, batch_rows=32,
-                        max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=20, eval_every=max(cfg.sft_steps // 4, 1),
+                        max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=20, eval_every=max(math.ceil(cfg.sft_steps / 3), 1),
                         log_every=50, seed=cfg.seed, overwrite=True, **held_out), log=log, monitor=LiveMonitor)
     sft_model = checkpoint_path(sft_run, "last")
 
