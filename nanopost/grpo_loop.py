@@ -113,8 +113,7 @@ class GRPOConfig:
     reasoning: bool = field(default=True, metadata={"help": "ask for <think>...</think> before <answer>...</answer>"})
     # rewards
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1},
-                                      metadata={"help": "reward name -> weight (accuracy, format, thinking, countdown); weight 0 "
-                                                        "logs the term as measure_NAME_mean and pays nothing"})
+                                      metadata={"help": "reward name -> weight (accuracy, format, thinking, countdown)"})
     reward_mode: Literal["sum", "normalize_each"] = "sum"
     reward_models: dict[str, str] = field(default_factory=dict, metadata={
         "help": "name -> reward model directory; each is a reward usable in --rewards"})
@@ -932,7 +931,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         if reference is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0:
             reference.load_state_dict(distributed.full_weights(policy))
         # 3. metrics, evaluation, checkpoints
-        row = step_metrics(rollouts, measures={name for name, _, weight in scorer.funcs if weight == 0})
+        row = step_metrics(rollouts)
         row.update(kind="train", step=step, lr=lr, temperature=temperature, group_size=G,
                    zero_std_frac=n_zero / len(rollouts.records), groups_kept=sum(len(p.records) for p in kept),
                    groups_sampled=len(rollouts.records), time_generate=rollouts.seconds["generate"],
@@ -959,9 +958,7 @@ def _pass_rates(ro: Rollouts, group_size: int) -> list[float]:
     return [sum(values[g * group_size : (g + 1) * group_size]) / group_size for g in range(len(ro.records))]
 
 
-def step_metrics(ro: Rollouts, measures: set[str] = frozenset()) -> dict[str, float]:
-    """The train row's rollout statistics. A reward of weight 0 (in `measures`) pays nothing: it is
-    logged as measure_NAME_mean, so nothing reads it as a term the policy is paid for."""
+def step_metrics(ro: Rollouts) -> dict[str, float]:
     lengths = ro.mask.sum(1)
     row: dict[str, float] = {
         "reward_mean": ro.rewards.mean().item(),
@@ -972,9 +969,8 @@ def step_metrics(ro: Rollouts, measures: set[str] = frozenset()) -> dict[str, fl
     }
     for name, values in ro.per_function.items():
         v = torch.tensor([0.0 if x is None else x for x in values])
-        prefix = "measure" if name in measures else "reward"
-        row[f"{prefix}_{name}_mean"] = v.mean().item()
-        row[f"{prefix}_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
+        row[f"reward_{name}_mean"] = v.mean().item()
+        row[f"reward_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
     if "accuracy" in ro.per_function:
         correct = torch.tensor([bool(x) for x in ro.per_function["accuracy"]])
         if correct.any():

@@ -153,16 +153,6 @@ def test_reward_fn_from_a_file_is_logged_under_its_name(task, tmp_path):
     assert all(0 < r["reward_brevity_mean"] <= 1 and "reward_worked_out_mean" in r for r in rows)
 
 
-def test_a_reward_of_weight_zero_is_logged_as_a_measure_and_pays_nothing(task, tmp_path):
-    (tmp_path / "my_rewards.py").write_text(REWARDS)
-    proc = grpo(task, tmp_path / "run", "--rewards", "{accuracy = 1.0}",
-                "--reward-fn", f"{tmp_path / 'my_rewards.py'}:brevity=0")
-    assert proc.returncode == 0, proc.stderr
-    rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
-    assert all(0 < r["measure_brevity_mean"] <= 1 and "reward_brevity_mean" not in r for r in rows)
-    assert all(r["reward_mean"] == pytest.approx(r["reward_accuracy_mean"]) for r in rows)
-
-
 @pytest.mark.parametrize("spec, message", [
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
     ("{dir}/my_rewards.py:missing", "has no function 'missing'"),
