@@ -344,7 +344,7 @@ def story_figure(roots: list[Path], results: list[dict], out: Path) -> Path:
         steps, accuracy = series(runs["grpo"], "train", "reward_accuracy_mean")
         smooth = np.convolve(accuracy, np.ones(5) / 5, mode="same") if len(accuracy) >= 5 else accuracy
         grpo_ax.plot(steps, smooth, color="C1", alpha=0.8, label="train accuracy reward" if i == 0 else None)
-        grpo_ax.plot(*series(runs["grpo"], "train", "measure_worked_out_mean"), color="C4", alpha=0.8,
+        grpo_ax.plot(*series(runs["grpo"], "train", "reward_worked_out_mean"), color="C4", alpha=0.8,
                      label="worked out (train)" if i == 0 else None)
         grpo_ax.plot(*series(runs["grpo"], "eval", "accuracy"), "o-", color="C3", ms=3,
                      label="held-out accuracy" if i == 0 else None)
