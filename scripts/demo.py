@@ -146,9 +146,13 @@ def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
                  for r in sft], files["sft"])
     write_jsonl([{k: r[k] for k in ("id", "prompt", "answer", "difficulty")} for r in grpo], files["grpo"])
     write_jsonl([{k: r[k] for k in ("id", "prompt", "answer", "difficulty")} for r in test], files["test"])
-    # The same questions with worked replies, so SFT and the control report held-out accuracy as they go.
-    write_jsonl([{"prompt": TEMPLATE.user_message(r["prompt"]), "completion": TEMPLATE.target(**task.solve(r["prompt"]))}
-                 for r in test], files["test_sft"])
+    # The same questions as chats, so SFT and the control report held-out accuracy as they go. The
+    # replies are mixed as the SFT data's are, so the held-out loss is that data's, on new questions.
+    mixed = random.Random(cfg.seed + 4)
+    replies = [task.solve(r["prompt"]) for r in test]
+    write_jsonl([{"prompt": TEMPLATE.user_message(r["prompt"]),
+                  "completion": TEMPLATE.target(x["reasoning"] if mixed.random() < cfg.sft_worked else "", x["answer"])}
+                 for r, x in zip(test, replies)], files["test_sft"])
     return files
 
 
