@@ -147,7 +147,9 @@ def test_arithmetic_columns_are_true_one_digit_facts_that_spell_each_result():
             terms = [int(t) for t in left.replace("-", "+-").split("+")]
             assert sum(terms) == int(x), column  # each column is a true fact
             assert 0 <= int(x) <= 19
-            assert (len(terms) == 3) == bool(carry) and terms[-1] in ((1, -1) if carry else terms[-1:])
+            assert (len(terms) == 3) == bool(carry)  # a carry or borrow in is written, and only then
+            if carry:
+                assert terms[-1] == (1 if sign == "+" else -1)
             carry = int(x) >= 10 if sign == "+" else terms[0] >= 10
             digits.append(int(x) % 10 if sign == "+" else int(x))
         if sign == "+" and carry:
