@@ -441,3 +441,29 @@ def test_train_bpe_rejects_bad_arguments():
         train_bpe(CORPUS, 100)
     with pytest.raises(ValueError, match="chat_format must be one of"):
         train_bpe(CORPUS, 400, chat_format="gemma")
+
+
+def test_train_bpe_added_tokens_are_single_plain_tokens_everywhere(tmp_path):
+    tags = ["<think>", "</think>", "<answer>", "</answer>"]
+    tok = train_bpe(CORPUS, 400, added_tokens=tags)
+    assert tok.vocab_size <= 400
+    ids = [tok.token_to_id(t) for t in tags]
+    assert ids == list(range(tok.vocab_size - 4, tok.vocab_size))  # the last ids
+    text = "<think>\n12+30=42\n</think>\n<answer>42</answer>"
+    encoded = tok.encode(text)
+    assert [i for i in encoded if i in ids] == [ids[0], ids[1], ids[2], ids[3]]
+    assert len(encoded) < len(train_bpe(CORPUS, 400).encode(text))
+    # plain text, not special: skipping special tokens keeps them (a reward reads the tags)
+    assert tok.decode(encoded) == tok.decode(encoded, skip_special_tokens=True) == text
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.encode(text, add_special_tokens=False) == encoded
+    assert hf.decode(encoded, skip_special_tokens=True) == text
+    again = load_tokenizer(tmp_path)
+    assert again.encode(text) == encoded and again.decode(encoded) == text
+
+
+@pytest.mark.parametrize("added", [["<think>", "<think>"], [""], ["<|im_end|>"]])
+def test_train_bpe_rejects_bad_added_tokens(added):
+    with pytest.raises(ValueError, match="added_tokens must be distinct non-empty strings"):
+        train_bpe(CORPUS, 400, added_tokens=added)

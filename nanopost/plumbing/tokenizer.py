@@ -375,6 +375,7 @@ def train_bpe(
     chat_format: str = "chatml",
     min_frequency: int = 2,
     split_digits: bool = False,
+    added_tokens: Sequence[str] = (),
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer on `texts`, with the chat special tokens of `chat_format`.
 
@@ -382,14 +383,21 @@ def train_bpe(
     0.., then the 256 byte symbols, then merges. Training is deterministic for the same texts.
     split_digits makes every digit its own token, as Qwen2's tokenizer does: numbers then look
     the same to the model wherever they occur, which small models need to learn arithmetic.
+    added_tokens (such as "<think>", "</think>") become one token each, with the last ids, as
+    Qwen3 has its think tags: they are ordinary text, so decoding keeps them.
     """
     if chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat_format must be one of {sorted(CHAT_FORMATS)}, got {chat_format!r}")
     specials, eos, pad, bos, template = CHAT_FORMATS[chat_format]
-    smallest = len(specials) + 256
+    added = list(added_tokens)
+    for t in added:
+        if not isinstance(t, str) or not t or t in specials or added.count(t) > 1:
+            raise ValueError(f"added_tokens must be distinct non-empty strings that are not special tokens; got {t!r}")
+    smallest = len(specials) + 256 + len(added)
     if vocab_size < smallest:
         raise ValueError(
-            f"vocab_size {vocab_size} is too small: {len(specials)} special tokens + 256 bytes = {smallest}"
+            f"vocab_size {vocab_size} is too small: {len(specials)} special tokens + 256 bytes"
+            + (f" + {len(added)} added tokens" if added else "") + f" = {smallest}"
         )
 
     tok = tokenizers.Tokenizer(models.BPE())
@@ -398,13 +406,14 @@ def train_bpe(
                          if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(added),
         min_frequency=min_frequency,
         special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in added])
     return Tokenizer(
         tok, eos_token=eos, pad_token=pad, bos_token=bos, chat_template=template, source="train_bpe"
     )
