@@ -213,6 +213,11 @@ class Batch:
         return int(self.loss_mask.sum().item())
 
     @property
+    def num_examples(self) -> int:
+        """Documents in the batch (each starts at position 0)."""
+        return int(((self.positions == 0) & (self.segment_ids != PAD_SEGMENT)).sum().item())
+
+    @property
     def num_padding(self) -> int:
         return int((self.segment_ids == PAD_SEGMENT).sum().item())
 

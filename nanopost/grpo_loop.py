@@ -934,7 +934,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         row = step_metrics(rollouts)
         row.update(kind="train", step=step, lr=lr, temperature=temperature, group_size=G,
                    zero_std_frac=n_zero / len(rollouts.records), groups_kept=sum(len(p.records) for p in kept),
-                   groups_sampled=len(rollouts.records), time_generate=rollouts.seconds["generate"],
+                   groups_sampled=len(rollouts.records), samples=len(rollouts.records) * G, time_generate=rollouts.seconds["generate"],
                    time_score=rollouts.seconds["score"], time_update=t_update, time_step=time.perf_counter() - t0,
                    **update_stats, **{f"sampler_{k}": v for k, v in sampler.metrics().items()})
         row["tok_per_s"] = rollouts.mask.sum().item() / row["time_step"]

@@ -297,8 +297,9 @@ def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
         step += 1
         tokens_since += sum(int(b.input_ids.numel()) for b in micro) * dist.world
 
+        samples = int(dist.all_sum([sum(b.num_examples for b in micro)])[0])
         row = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-               "loss_tokens": n_tokens}
+               "loss_tokens": n_tokens, "samples": samples}
         if step % cfg.log_every == 0 or step == total:
             now = time.perf_counter()
             row["tok_per_s"] = tokens_since / (now - t_last)

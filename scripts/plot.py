@@ -3,6 +3,7 @@
     python scripts/plot.py runs/a runs/b-seed0 runs/b-seed1 [--out dashboard.png] [--smooth 0.9]
     python scripts/plot.py runs/x runs/y runs/z --group "lr3e-4=runs/x,runs/y"
     python scripts/plot.py runs/sft runs/grpo --x minutes    # runs of different lengths on one time axis
+    python scripts/plot.py runs/sft runs/grpo --x samples    # ... or on the samples each has trained on
 
 Runs named alike apart from a -seedN suffix are drawn as one mean ± std band; --group NAME=DIRS
 makes a group explicitly (its directories need not be repeated before it).
@@ -22,8 +23,9 @@ def main() -> None:
     ap.add_argument("--group", action="append", default=[], metavar="NAME=RUN_DIR,...")
     ap.add_argument("--smooth", type=float, default=0.0, help="EMA weight for train curves, 0..1 (default 0: raw)")
     ap.add_argument("--title")
-    ap.add_argument("--x", choices=["step", "minutes"], default="step",
-                    help="horizontal axis: optimizer steps, or minutes since each run's first row (default: step)")
+    ap.add_argument("--x", choices=["step", "minutes", "samples"], default="step",
+                    help="horizontal axis: optimizer steps, minutes since each run's first row, or samples "
+                         "trained on (SFT examples, GRPO completions) (default: step)")
     args = ap.parse_args()
     groups = [parse_group(g) for g in args.group]
     dirs = list(dict.fromkeys([*args.runs, *(d for _, members in groups for d in members)]))

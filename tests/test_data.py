@@ -345,6 +345,7 @@ def test_packing_keeps_every_example_exactly_once_within_the_row_limit():
     assert Counter(map(tuple, documents(batches))) == Counter(tuple(e.ids) for e in examples)
     assert all(b.input_ids.shape[1] <= 64 and b.input_ids.shape[0] <= 4 for b in batches)
     assert sum(b.num_loss_tokens for b in batches) == sum(e.num_loss_tokens for e in examples)
+    assert sum(b.num_examples for b in batches) == len(examples)
 
 
 def test_packed_rows_shift_each_document_and_pad_to_the_longest_row():
@@ -362,6 +363,7 @@ def test_packed_rows_shift_each_document_and_pad_to_the_longest_row():
     assert b.positions.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]]
     assert b.segment_ids.tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, -1, -1, -1]]
     assert b.num_loss_tokens == 6
+    assert b.num_examples == 3  # padding is not a document
 
 
 def test_packing_wastes_far_less_than_padding_each_example():

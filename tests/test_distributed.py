@@ -79,7 +79,7 @@ def test_sft_two_processes_make_the_one_process_update(task, tmp_path):
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [(r["kind"], r["step"]) for r in two] == [(r["kind"], r["step"]) for r in one]  # rank 0 alone writes
     for a, b in zip(one, two):
-        for key in ("loss", "loss_tokens", "val_loss", "accuracy"):
+        for key in ("loss", "loss_tokens", "samples", "val_loss", "accuracy"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert proc.stdout.count("step 2/2") == 1  # one progress line per job, not per process
@@ -181,6 +181,7 @@ def test_grpo_two_processes_resume_exactly_after_a_crash(task, tmp_path, fsdp):
     assert [r["step"] for r in b if r["kind"] == "eval"] == [0, 2, 4]
     # Prompts are drawn globally: each step's groups come from both ranks' completions.
     assert all(r["groups_sampled"] >= 3 for r in a if r["kind"] == "train")
+    assert all(r["samples"] == r["groups_sampled"] * r["group_size"] for r in a if r["kind"] == "train")
 
 
 # ---------------------------------------------------------------- pieces

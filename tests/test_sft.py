@@ -112,3 +112,9 @@ def test_script_reports_a_mistyped_option_without_traceback():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: unknown option --lrr; did you mean --lr?"
+
+
+def test_an_epoch_logs_every_example_once_as_samples(task, tmp_path):
+    train_sft(config(task, tmp_path, val=None, epochs=1.0, batch_rows=4), log=lambda *_: None)
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert len(rows) > 1 and sum(r["samples"] for r in rows) == len(load_sft(task[1]))

@@ -94,9 +94,10 @@ def metric_names(rows: Sequence[Mapping[str, Any]], kind: str, pattern: str) -> 
     return sorted(found - {"reward_mean"})
 
 
-# What the horizontal axis counts: optimizer steps, or minutes since the run's first row, so that
-# runs whose steps cost different times (SFT, GRPO, a control at equal wall time) line up.
-X_AXES = {"step": "step", "minutes": "minutes of training"}
+# What the horizontal axis counts: optimizer steps, minutes since the run's first row, or samples
+# trained on so far (SFT examples, GRPO completions sampled, dropped groups included), so that runs
+# whose steps cost different times or hold different numbers of samples line up.
+X_AXES = {"step": "step", "minutes": "minutes of training", "samples": "samples seen"}
 
 
 def series(rows: Sequence[Mapping[str, Any]], kind: str, name: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +113,22 @@ def series(rows: Sequence[Mapping[str, Any]], kind: str, name: str, x: str = "st
             by_step[step] = float(r[name])
             at[step] = (float(r["time"]) - start) / 60 if _is_number(r.get("time")) else math.nan
     steps = np.array(sorted(by_step))
+    if x == "samples":
+        return samples_seen(rows, steps), np.array([by_step[s] for s in steps])
     xs = steps if x == "step" else np.array([at[s] for s in steps])
     return xs, np.array([by_step[s] for s in steps])
+
+
+def samples_seen(rows: Sequence[Mapping[str, Any]], steps: np.ndarray) -> np.ndarray:
+    """Samples trained on up to and including each of `steps`, from the train rows' `samples`."""
+    per_step = {float(r.get("step", 0)): float(r["samples"]) for r in rows
+                if r.get("kind") == "train" and _is_number(r.get("samples"))}
+    if not per_step:
+        raise ValueError("these metrics have no 'samples' column (runs logged before it was added): "
+                         "plot them by step or minutes")
+    logged = np.array(sorted(per_step))
+    total = np.concatenate([[0.0], np.cumsum([per_step[s] for s in logged])])
+    return total[np.searchsorted(logged, steps, side="right")]
 
 
 def mean_std(runs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -181,13 +196,17 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     """Draw the dashboard of `run_dirs` into the PNG `out`; returns its path.
 
     groups: name -> run names (directory names) drawn as one mean ± std band; runs not listed
-    are grouped by seed suffix. smooth: EMA weight for train curves (0: raw). x: "step" or
-    "minutes" (X_AXES).
+    are grouped by seed suffix. smooth: EMA weight for train curves (0: raw). x: "step",
+    "minutes" or "samples" (X_AXES).
     """
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     Figure = require_matplotlib()
     runs = load_runs(run_dirs)
+    for d, rows in zip(run_dirs, runs.values()):
+        if x == "samples" and not any(r.get("kind") == "train" and _is_number(r.get("samples")) for r in rows):
+            raise ValueError(f"{d}: metrics.jsonl has no 'samples' column (a run logged before it was added): "
+                             "plot it by step or minutes")
     grouped = group_runs(list(runs), groups)
     all_rows = [r for rows in runs.values() for r in rows]
     panels = []
