@@ -34,7 +34,6 @@ from .training_checkpoint import checkpoint_path, load_checkpoint, load_optimize
 # What a run's monitor can find; --stop-on names some of them (nanopost.tools.monitor says what each means).
 FINDINGS = ("overfitting", "reward_hacking", "length_exploding", "length_collapsing", "entropy_collapse",
             "kl_runaway", "lr_too_low", "lr_too_high", "no_learning", "no_signal", "early_stop")
-STOP_ON_HELP = "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.tools.monitor)"
 
 
 def check_stop_on(codes: Iterable[str]) -> set[str]:
