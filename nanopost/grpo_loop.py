@@ -72,7 +72,7 @@ from .plumbing.run_summary import stop_tokens_line
 from .plumbing.runtime import autocast, release_memory_in_backward
 from .plumbing.tokenizer import Tokenizer
 from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
-from .plumbing.user_rewards import load_reward_fns, parse_spec
+from .plumbing.user_rewards import load_reward_fns, model_rewards, parse_spec
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .schedules import lr_at, set_lr, temperature_at
@@ -250,25 +250,6 @@ class _Known:
 
     def score_batch(self, completions, samples) -> list[float]:
         return self.values
-
-
-def model_rewards(cfg: GRPOConfig, device) -> dict[str, Callable]:
-    """Reward models named in the config, each a batched reward function (or one ensemble 'rm').
-
-    An ensemble standardises each member within each prompt's completions before combining them
-    (--rm-ensemble-normalize group, the default): a reward model's scale is arbitrary, and the
-    widest-scaled member would otherwise decide the mean or the min alone.
-    """
-    if not cfg.reward_models:
-        return {}
-    from .tools.reward_model import ModelReward, RewardEnsemble, load_reward_model
-
-    members = {name: ModelReward(load_reward_model(path, device=device), load_tokenizer(path))
-               for name, path in cfg.reward_models.items()}
-    if cfg.rm_ensemble == "none":
-        return members
-    return {"rm": RewardEnsemble(members, mode=cfg.rm_ensemble, lam=cfg.rm_ensemble_lambda,
-                                 normalize=cfg.rm_ensemble_normalize)}
 
 
 def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prompt_ids: list[list[int]],
