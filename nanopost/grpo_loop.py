@@ -65,13 +65,11 @@ from .grpo import group_advantages, policy_loss
 from .model import PrefixLogprobs, Transformer
 from .plumbing import distributed, interrupt
 from .plumbing.data_files import check_prompts_fit, load_rl
-from .plumbing.hf_io import load_config, load_model, load_tokenizer, save_model
+from .plumbing.hf_io import load_config, load_model, save_model
 from .plumbing.options import GRPOOptions, RunOptions
 from .plumbing.run import Run
-from .plumbing.run_summary import stop_tokens_line
-from .plumbing.runtime import autocast, release_memory_in_backward
+from .plumbing.runtime import autocast
 from .plumbing.tokenizer import Tokenizer
-from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
 from .plumbing.user_rewards import load_reward_fns, model_rewards, parse_spec
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
@@ -514,8 +512,6 @@ def load_policy(cfg: GRPOConfig, device) -> tuple[Transformer, Transformer | Non
     """The policy to train, and with beta > 0 a frozen copy of it as the KL reference."""
     policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
-    policy.grad_checkpointing = cfg.grad_checkpointing  # the update's forwards alone record gradients
-    release_memory_in_backward(policy, device)
     return policy, reference
 
 
@@ -597,8 +593,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     """
     run = Run(cfg, log, monitor)
     log, dist, device = run.log, run.dist, run.device
-    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
-    log(stop_tokens_line(tokenizer))
+    tokenizer = run.load_tokenizer()
     template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
     prompts = load_prompts(cfg, tokenizer, template)
     # Rewards and the sampler come from the data before the model loads: a bad stage or reward
@@ -626,14 +621,11 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     def save(name: str) -> None:
         streams = dist.gather(generator.get_state())  # collectives: every process takes part
         reward_states = dist.gather(scorer.state_dict())
-        whole = distributed.full_state(policy, optimizer, dist)
-        if not dist.main:
-            return
-        save_checkpoint(checkpoint_path(run.dir, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
-                        extra={"step": step, "sampler": sampler.state_dict(), "sample_rng": streams,
-                               "reward_state": reward_states, "best_accuracy": best})
-        if reference is not None and cfg.ref_reset_every:
-            save_model(reference, checkpoint_path(run.dir, name) / "reference")
+        path = run.save(name, policy, optimizer, tokenizer, {
+            "step": step, "sampler": sampler.state_dict(), "sample_rng": streams, "reward_state": reward_states,
+            "best_accuracy": best})
+        if path is not None and reference is not None and cfg.ref_reset_every:
+            save_model(reference, path / "reference")
 
     def run_eval() -> dict:
         nonlocal best

@@ -31,13 +31,11 @@ from .eval import EvalItem, evaluate
 from .model import Logprobs, Transformer
 from .plumbing import distributed, interrupt
 from .plumbing.data_files import check_prompts_fit, load_sft, load_text
-from .plumbing.hf_io import load_config, load_model, load_tokenizer
+from .plumbing.hf_io import load_config, load_model
 from .plumbing.options import SFTConfig
 from .plumbing.run import Run
-from .plumbing.run_summary import stop_tokens_line
-from .plumbing.runtime import autocast, release_memory_in_backward
+from .plumbing.runtime import autocast
 from .plumbing.tokenizer import Tokenizer
-from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
 from .rewards import extract_answer
 from .schedules import lr_at, set_lr
 
@@ -176,12 +174,9 @@ def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
     """
     run = Run(cfg, log, monitor)
     log, dist, device = run.log, run.dist, run.device
-    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
-    log(stop_tokens_line(tokenizer))  # what evaluation stops on, and the saved checkpoints declare
+    tokenizer = run.load_tokenizer()
     train_examples, val_batches, acc_items, n_val = load_data(cfg, tokenizer, log)
     model = load_model(cfg.model, device=device, dtype=torch.float32).train()
-    model.grad_checkpointing = cfg.grad_checkpointing
-    release_memory_in_backward(model, device)
     order = DataOrder(train_examples, cfg, tokenizer.pad_token_id)
     per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.per_epoch / per_step))
@@ -194,11 +189,9 @@ def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
               f"{per_step} micro-batch(es) of {cfg.batch_rows} x {cfg.max_len} tokens each", model)
 
     def save(name: str, eval_row: dict | None = None) -> None:
-        whole = distributed.full_state(model, optimizer, dist)  # a collective under FSDP2
-        if dist.main:
-            save_checkpoint(checkpoint_path(run.dir, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
-                            extra={"step": step, "consumed": consumed, "best_val_loss": best, "world": dist.world,
-                                   "metrics": last_eval if eval_row is None else eval_row})
+        run.save(name, model, optimizer, tokenizer, {
+            "step": step, "consumed": consumed, "best_val_loss": best, "world": dist.world,
+            "metrics": last_eval if eval_row is None else eval_row})
 
     def run_eval() -> dict:
         nonlocal best, last_eval
