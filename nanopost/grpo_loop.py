@@ -53,7 +53,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Callable
 
 import torch
 
@@ -64,252 +64,29 @@ from .generate import generate, shared_prefix
 from .grpo import group_advantages, policy_loss
 from .model import PrefixLogprobs, Transformer
 from .plumbing import distributed, interrupt
-from .plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .plumbing.config import is_finite, require
 from .plumbing.data_files import check_prompts_fit, load_rl
-from .plumbing.hf_io import load_config, load_model, load_tokenizer, save_model
-from .plumbing.run import STOP_ON_HELP, Run, check_stop_on
-from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
-from .plumbing.run_summary import stop_tokens_line
-from .plumbing.runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
+from .plumbing.hf_io import load_config, load_model, save_model
+from .plumbing.options import GRPOOptions, RunOptions
+from .plumbing.run import Run
+from .plumbing.runtime import autocast
 from .plumbing.tokenizer import Tokenizer
-from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
-from .plumbing.user_rewards import load_reward_fns, parse_spec
+from .plumbing.user_rewards import load_reward_fns, model_rewards, parse_spec
 from .prompts import PromptTemplate
 from .rewards import combine_rewards, sample_reward
 from .schedules import lr_at, set_lr, temperature_at
 from .tasks import TASKS, get_task
 
 
-# What --importance gives clip_low, clip_high and agg when they are left unset (None):
-# token level, DAPO's clip-higher and token mean; sequence level (GSPO, arXiv 2507.18071), the
-# paper's clip range, sized for a length-normalised ratio that stays within ~1e-3 of 1, and the
-# per-sequence mean its objective is written with (verl forces it for GSPO).
-IMPORTANCE_DEFAULTS = {"token": (0.2, 0.28, "token-mean"), "sequence": (3e-4, 4e-4, "seq-mean-token-mean")}
-
-
 @dataclass
-class GRPOConfig:
-    """Every option of a GRPO run (`--help` lists them with their defaults).
-
-    clip_low, clip_high and agg default to None, "the default of the importance level": 0.2 /
-    0.28 / token-mean for --importance token, 3e-4 / 4e-4 / seq-mean-token-mean for sequence
-    (IMPORTANCE_DEFAULTS). A token-level clip range of 0.2 around GSPO's sequence ratio clips
-    almost nothing, so a fixed default would silently be wrong for one of the two. None is
-    resolved when the config is built (so the saved config.json shows the values used); a value
-    given explicitly, on the command line, in a file or to the constructor, is always kept.
-    """
-
-    model: str = field(default="", metadata={"help": "HF checkpoint directory of the policy to start from"})
-    train: str = field(default="", metadata={"help": "RL JSONL: {prompt|question, answer, difficulty?, id?}"})
-    val: str | None = field(default=None, metadata={"help": "held-out RL JSONL for accuracy"})
-    out: str = "runs/grpo"
-    task: str | None = field(default=None, metadata={
-        "help": "arithmetic | countdown | gsm8k: the task's answer check, for eval and as the `accuracy` reward"})
-    chat_format: ChatFormatName | None = field(default=None, metadata={"help": CHAT_FORMAT_HELP})
-    # prompt
-    instruction: str = "Solve the problem."
-    system: str | None = None
-    reasoning: bool = field(default=True, metadata={"help": "ask for <think>...</think> before <answer>...</answer>"})
-    # rewards
-    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1},
-                                      metadata={"help": "reward name -> weight (accuracy, format, thinking, countdown)"})
-    reward_mode: Literal["sum", "normalize_each"] = "sum"
-    reward_models: dict[str, str] = field(default_factory=dict, metadata={
-        "help": "name -> reward model directory; each is a reward usable in --rewards"})
-    rm_ensemble: Literal["none", "mean", "min", "mean_minus_std"] = field(default="none", metadata={
-        "help": "combine all reward models into one reward named 'rm' (members logged)"})
-    rm_ensemble_lambda: float = 1.0
-    rm_ensemble_normalize: Literal["group", "none"] = field(default="group", metadata={
-        "help": "group: standardise each member's scores over the completions of each prompt before "
-                "combining, so no member dominates by its scale (members are logged raw); none: raw scores"})
-    reward_fn: list[str] = field(default_factory=list, metadata={"repeat": True, "help": (
-        "a reward of your own, (completion, record) -> float, logged under its name; repeatable: "
-        "module:function or path/file.py:function, optionally =weight (nanopost/user_rewards.py)")})
-    # curriculum (nanopost/curriculum.py)
-    curriculum: Literal["uniform", "staged", "learnability", "band"] = field(default="uniform", metadata={
-        "help": "prompt sampling: uniform (a shuffle per epoch); staged (--curriculum-stages, uniform within a "
-                "stage); learnability (weight p(1-p) of the online pass rate); band (pass rate inside "
-                "--curriculum-band)"})
-    curriculum_stages: list[dict[str, Any]] = field(default_factory=list, metadata={
-        "help": 'TOML array of stages, e.g. "[{until = 0.5, levels = [1, 3], temperature = 0.8}, {until = 1.0}]"; '
-                "keys: until, levels, min_difficulty, max_difficulty, quantiles, temperature, group_size"})
-    curriculum_mix_previous: float = field(default=0.2, metadata={
-        "help": "share of each step's prompts drawn from earlier stages"})
-    curriculum_band: tuple[float, float] = field(default=(0.0, 1.0), metadata={
-        "help": "band: draw prompts whose pass rate is strictly inside (lo, hi)"})
-    curriculum_floor: float = field(default=0.01, metadata={"help": "learnability: the least weight of a prompt"})
-    curriculum_explore: float = field(default=0.25, metadata={"help": "learnability: weight of a prompt not yet tried"})
-    curriculum_retire: float | None = field(default=None, metadata={
-        "help": "retire a prompt whose pass rate exceeds this after --curriculum-retire-min-tries groups"})
-    curriculum_retire_min_tries: int = 3
-    # rollouts
-    steps: int = 100
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    temperature_end: float | None = field(default=None, metadata={"help": "end value for linear/cosine schedules"})
-    temperature_schedule: Literal["constant", "linear", "cosine", "stages"] = "constant"
-    temperature_stages: list[tuple[float, float]] = field(default_factory=list,
-                                                          metadata={"help": "[[boundary, T], ...] for 'stages'"})
-    top_p: float = 1.0
-    top_k: int = 0
-    dynamic_sampling: Literal["off", "drop", "refill"] = "drop"
-    max_refill_rounds: int = 2
-    overlong_filter: bool = field(default=False, metadata={"help": "mask truncated completions out of the loss"})
-    overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft length penalty over the last N tokens (0: off)"})
-    overlong_penalty: float = field(default=1.0, metadata={
-        "help": "weight of that penalty, a reward term named 'overlong' in [-1, 0] combined with the "
-                "others by --reward-mode (normalize_each standardises it per group like them)"})
-    # loss
-    adv_scale: Literal["group", "batch", "none"] = "group"
-    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = field(default=None, metadata={
-        "help": "loss aggregation (none: token-mean, or seq-mean-token-mean with --importance sequence)"})
-    clip_low: float | None = field(default=None, metadata={
-        "help": "lower clip range (none: 0.2, or 3e-4 with --importance sequence)"})
-    clip_high: float | None = field(default=None, metadata={
-        "help": "upper clip range (none: 0.28, clip-higher, or 4e-4 with --importance sequence)"})
-    dual_clip: float | None = None
-    importance: Literal["token", "sequence"] = field(default="token", metadata={
-        "help": "token: per-token ratio; sequence: GSPO's length-normalised sequence ratio, with GSPO's "
-                "clip range and aggregation unless --clip-low/--clip-high/--agg are given"})
-    beta: float = 0.0
-    kl: Literal["k1", "k2", "k3"] = "k3"
-    ref_reset_every: int = 0
-    mu: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
-    micro_batch: int = field(default=0, metadata={"help": "rows per forward/backward (0: the whole mini-batch)"})
-    # optimizer
-    lr: float = 1e-5
-    warmup_steps: int = field(default=0, metadata={
-        "help": "steps of linear lr warmup (one longer than the run is cut to the run)"})
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.99)
-    clip_grad: float = 1.0
-    # evaluation, logging, checkpoints
-    eval_every: int = 20
-    eval_samples: int = 200
-    eval_k: int = field(default=0, metadata={"help": "avg@k samples per prompt at eval_temperature (0: greedy only)"})
-    eval_temperature: float = 1.0
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at evals and the end)"})
-    log_every: int = 1
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    fsdp: bool = field(default=False, metadata={"help": distributed.FSDP_HELP})
-    grad_checkpointing: bool = field(default=False, metadata={"help": GRAD_CHECKPOINTING_HELP})
-    stop_on: list[str] = field(default_factory=list, metadata={"help": STOP_ON_HELP})
-    resume: bool = field(default=False, metadata={"help": RESUME_HELP})
-    overwrite: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
-    resume_override: list[str] = field(default_factory=list, metadata={"help": RESUME_OVERRIDE_HELP})
-
-    def __post_init__(self) -> None:
-        if self.importance not in IMPORTANCE_DEFAULTS:
-            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE_DEFAULTS)}, got {self.importance!r}")
-        low, high, agg = IMPORTANCE_DEFAULTS[self.importance]
-        self.clip_low = low if self.clip_low is None else self.clip_low
-        self.clip_high = high if self.clip_high is None else self.clip_high
-        self.agg = agg if self.agg is None else self.agg
+class GRPOConfig(RunOptions, GRPOOptions):
+    """Every option of a GRPO run (plumbing/options.py; `--help` lists them with their defaults),
+    checked also against what only the core knows: the task names, the curriculum's stages and
+    the temperature schedule's."""
 
     def validate(self) -> None:
-        check_stop_on(self.stop_on)  # at parse time, before any model is loaded
-        if not self.model or not self.train:
-            raise ValueError("--model and --train are required")
-        if self.group_size < 2:
-            raise ValueError("--group-size must be >= 2: advantages compare completions of the same prompt")
-        if not self.rewards:
-            raise ValueError("at least one reward is needed")
-        check_training_options(self)
-        rows = self.prompts_per_step * self.group_size  # the rows one step trains on (before dropping groups)
-        require(
-            ("--steps", self.steps, self.steps >= 1, ">= 1"),
-            ("--prompts-per-step", self.prompts_per_step, self.prompts_per_step >= 1, ">= 1"),
-            ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
-            ("--top-p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
-            ("--top-k", self.top_k, self.top_k >= 0, ">= 0 (0: off)"),
-            ("--max-refill-rounds", self.max_refill_rounds, self.max_refill_rounds >= 0, ">= 0"),
-            ("--overlong-buffer", self.overlong_buffer, 0 <= self.overlong_buffer <= self.max_new_tokens,
-             f"in [0, --max-new-tokens {self.max_new_tokens}]"),
-            ("--overlong-penalty", self.overlong_penalty,
-             is_finite(self.overlong_penalty) and self.overlong_penalty >= 0, "a finite number >= 0"),
-            ("--clip-low", self.clip_low, 0 <= self.clip_low < 1,
-             "in [0, 1): the ratio is clipped below at 1 - clip_low"),
-            ("--clip-high", self.clip_high, is_finite(self.clip_high) and self.clip_high >= 0, "a finite number >= 0"),
-            ("--dual-clip", self.dual_clip, self.dual_clip is None or self.dual_clip > 1,
-             "> 1 (it caps the loss at -dual_clip * A), or none"),
-            ("--beta", self.beta, is_finite(self.beta) and self.beta >= 0, "a finite number >= 0"),
-            ("--ref-reset-every", self.ref_reset_every, self.ref_reset_every >= 0, ">= 0 (0: never)"),
-            ("--mu", self.mu, self.mu >= 1, ">= 1"),
-            ("--minibatches", self.minibatches, 1 <= self.minibatches <= rows,
-             f"in [1, {rows}]: a step has --prompts-per-step {self.prompts_per_step} x --group-size "
-             f"{self.group_size} = {rows} rows to split"),
-            ("--micro-batch", self.micro_batch, self.micro_batch >= 0, ">= 0 (0: the whole mini-batch)"),
-            ("--eval-samples", self.eval_samples, not self.val or self.eval_samples >= 1, ">= 1 with --val"),
-            ("--eval-k", self.eval_k, self.eval_k >= 0, ">= 0 (0: greedy only)"),
-            ("--eval-temperature", self.eval_temperature,
-             is_finite(self.eval_temperature) and self.eval_temperature >= 0, "a finite number >= 0"),
-            ("--rm-ensemble-lambda", self.rm_ensemble_lambda, is_finite(self.rm_ensemble_lambda), "a finite number"),
-            ("--rewards", self.rewards, all(is_finite(w) for w in self.rewards.values()), "finite weights"),
-        )
-        # Each temperature option belongs to one schedule; given with another, it would do nothing.
-        annealed = self.temperature_schedule in ("linear", "cosine")
-        if self.temperature_end is not None and not annealed:
-            raise ValueError(f"--temperature-end is used only by --temperature-schedule linear or cosine, and this "
-                             f"run's is {self.temperature_schedule}: drop --temperature-end or choose one of those")
-        if annealed and self.temperature_end is None:
-            raise ValueError(f"--temperature-schedule {self.temperature_schedule} needs --temperature-end, the "
-                             "temperature to end at (without it the temperature stays at --temperature)")
-        if self.temperature_stages and self.temperature_schedule != "stages":
-            raise ValueError(f"--temperature-stages is used only by --temperature-schedule stages, and this run's "
-                             f"is {self.temperature_schedule}: drop it or add --temperature-schedule stages")
-        if self.temperature_schedule == "stages" and not self.temperature_stages:
-            raise ValueError("--temperature-schedule stages needs --temperature-stages")
-        temperatures = [("--temperature", self.temperature), ("--temperature-end", self.temperature_end)]
-        temperatures += [("--temperature-stages", t) for _, t in self.temperature_stages]
-        for option, t in temperatures:
-            if t is not None and not t > 0:
-                raise ValueError(f"{option} must be > 0, got {t}: GRPO samples its groups, and greedy "
-                                 "groups have zero variance, so no advantage")
-        self._check_task_and_rewards()
-        self._check_curriculum()
-        if self.overlong_buffer > 0 and "overlong" in self.rewards:
-            raise ValueError("--rewards may not name 'overlong' while --overlong-buffer is on: that is "
-                             "the name of the length penalty's own reward term")
-        try:  # the stage boundaries (increasing, >= 0) as the schedule reads them at the first step
-            temperature_at(0, self.steps, kind=self.temperature_schedule, start=self.temperature,
-                           end=self.temperature if self.temperature_end is None else self.temperature_end,
-                           stages=self.temperature_stages or None)
-        except ValueError as e:
-            raise ValueError(f"--temperature-stages: {e}") from None
-
-    def _check_task_and_rewards(self) -> None:
+        super().validate()  # what the options decide alone
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        own = [parse_spec(spec) for spec in self.reward_fn]
-        names = [name for _, name, _ in own]
-        for name in names:
-            if names.count(name) > 1 or name in self.reward_models or name == "overlong":
-                raise ValueError(f"--reward-fn: the name {name!r} is taken (another --reward-fn, a reward model "
-                                 "or the overlong penalty); rename the function")
-        # Countdown's own check needs the puzzle's numbers and target, which only Countdown records have.
-        if "countdown" in self.rewards and "countdown" not in names and self.task not in (None, "countdown"):
-            raise ValueError(f"--rewards names 'countdown', Countdown's expression check, but --task is {self.task}, "
-                             "whose records have no numbers and target to check it against: drop it from --rewards")
-
-    def _check_curriculum(self) -> None:
-        if self.curriculum == "uniform":
-            # Each curriculum option belongs to a curriculum; with uniform sampling it would do nothing.
-            given = [f.name for f in dataclasses.fields(self) if f.name.startswith("curriculum_")
-                     and getattr(self, f.name) != _default(f)]
-            if given:
-                raise ValueError(f"--{given[0].replace('_', '-')} is used only by --curriculum staged, learnability "
-                                 "or band, and this run's is uniform: choose one of those or drop the option")
-        if self.curriculum == "staged" and not self.curriculum_stages:
-            raise ValueError('--curriculum staged needs --curriculum-stages, e.g. '
-                             '"[{until = 0.5, levels = [1, 3]}, {until = 1.0}]"')
         try:
             stages = stages_from_tables(self.curriculum_stages)
         except ValueError as e:
@@ -319,24 +96,12 @@ class GRPOConfig:
             if stage.group_size is not None and self.minibatches > rows:
                 raise ValueError(f"--curriculum-stages: stage {i}: group_size {stage.group_size} gives {rows} rows "
                                  f"a step, fewer than --minibatches {self.minibatches}")
-        lo, hi = self.curriculum_band
-        require(
-            ("--curriculum-mix-previous", self.curriculum_mix_previous, 0 <= self.curriculum_mix_previous <= 1,
-             "in [0, 1]"),
-            ("--curriculum-band", self.curriculum_band, 0 <= lo < hi <= 1, "(lo, hi) with 0 <= lo < hi <= 1"),
-            ("--curriculum-floor", self.curriculum_floor,
-             is_finite(self.curriculum_floor) and self.curriculum_floor >= 0, "a finite number >= 0"),
-            ("--curriculum-explore", self.curriculum_explore,
-             is_finite(self.curriculum_explore) and self.curriculum_explore > 0, "a finite number > 0"),
-            ("--curriculum-retire", self.curriculum_retire,
-             self.curriculum_retire is None or 0 <= self.curriculum_retire < 1, "in [0, 1), or none"),
-            ("--curriculum-retire-min-tries", self.curriculum_retire_min_tries, self.curriculum_retire_min_tries >= 1,
-             ">= 1"),
-        )
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        try:  # the stage boundaries (increasing, >= 0) as the schedule reads them at the first step
+            temperature_at(0, self.steps, kind=self.temperature_schedule, start=self.temperature,
+                           end=self.temperature if self.temperature_end is None else self.temperature_end,
+                           stages=self.temperature_stages or None)
+        except ValueError as e:
+            raise ValueError(f"--temperature-stages: {e}") from None
 
 
 def make_sampler(cfg: GRPOConfig, records: list[dict], pass_rates: dict[str, float] | None = None) -> PromptSampler:
@@ -483,25 +248,6 @@ class _Known:
 
     def score_batch(self, completions, samples) -> list[float]:
         return self.values
-
-
-def model_rewards(cfg: GRPOConfig, device) -> dict[str, Callable]:
-    """Reward models named in the config, each a batched reward function (or one ensemble 'rm').
-
-    An ensemble standardises each member within each prompt's completions before combining them
-    (--rm-ensemble-normalize group, the default): a reward model's scale is arbitrary, and the
-    widest-scaled member would otherwise decide the mean or the min alone.
-    """
-    if not cfg.reward_models:
-        return {}
-    from .tools.reward_model import ModelReward, RewardEnsemble, load_reward_model
-
-    members = {name: ModelReward(load_reward_model(path, device=device), load_tokenizer(path))
-               for name, path in cfg.reward_models.items()}
-    if cfg.rm_ensemble == "none":
-        return members
-    return {"rm": RewardEnsemble(members, mode=cfg.rm_ensemble, lam=cfg.rm_ensemble_lambda,
-                                 normalize=cfg.rm_ensemble_normalize)}
 
 
 def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prompt_ids: list[list[int]],
@@ -766,8 +512,6 @@ def load_policy(cfg: GRPOConfig, device) -> tuple[Transformer, Transformer | Non
     """The policy to train, and with beta > 0 a frozen copy of it as the KL reference."""
     policy = load_model(cfg.model, device=device, dtype=torch.float32).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
-    policy.grad_checkpointing = cfg.grad_checkpointing  # the update's forwards alone record gradients
-    release_memory_in_backward(policy, device)
     return policy, reference
 
 
@@ -849,8 +593,7 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     """
     run = Run(cfg, log, monitor)
     log, dist, device = run.log, run.dist, run.device
-    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
-    log(stop_tokens_line(tokenizer))
+    tokenizer = run.load_tokenizer()
     template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
     prompts = load_prompts(cfg, tokenizer, template)
     # Rewards and the sampler come from the data before the model loads: a bad stage or reward
@@ -878,14 +621,11 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     def save(name: str) -> None:
         streams = dist.gather(generator.get_state())  # collectives: every process takes part
         reward_states = dist.gather(scorer.state_dict())
-        whole = distributed.full_state(policy, optimizer, dist)
-        if not dist.main:
-            return
-        save_checkpoint(checkpoint_path(run.dir, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
-                        extra={"step": step, "sampler": sampler.state_dict(), "sample_rng": streams,
-                               "reward_state": reward_states, "best_accuracy": best})
-        if reference is not None and cfg.ref_reset_every:
-            save_model(reference, checkpoint_path(run.dir, name) / "reference")
+        path = run.save(name, policy, optimizer, tokenizer, {
+            "step": step, "sampler": sampler.state_dict(), "sample_rng": streams, "reward_state": reward_states,
+            "best_accuracy": best})
+        if path is not None and reference is not None and cfg.ref_reset_every:
+            save_model(reference, path / "reference")
 
     def run_eval() -> dict:
         nonlocal best

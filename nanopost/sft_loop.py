@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
@@ -32,78 +30,14 @@ from .data import Batch, Example, fit_examples, pack_examples, tokenize_chat, to
 from .eval import EvalItem, evaluate
 from .model import Logprobs, Transformer
 from .plumbing import distributed, interrupt
-from .plumbing.chat_template import CHAT_FORMAT_HELP, ChatFormatName
-from .plumbing.config import is_finite, require
 from .plumbing.data_files import check_prompts_fit, load_sft, load_text
-from .plumbing.hf_io import load_config, load_model, load_tokenizer
-from .plumbing.run import STOP_ON_HELP, Run, check_stop_on
-from .plumbing.run_dir import OVERWRITE_HELP, RESUME_HELP, RESUME_OVERRIDE_HELP
-from .plumbing.run_summary import stop_tokens_line
-from .plumbing.runtime import GRAD_CHECKPOINTING_HELP, autocast, check_training_options, release_memory_in_backward
+from .plumbing.hf_io import load_config, load_model
+from .plumbing.options import SFTConfig
+from .plumbing.run import Run
+from .plumbing.runtime import autocast
 from .plumbing.tokenizer import Tokenizer
-from .plumbing.training_checkpoint import checkpoint_path, save_checkpoint
 from .rewards import extract_answer
 from .schedules import lr_at, set_lr
-
-
-@dataclass
-class SFTConfig:
-    model: str = field(default="", metadata={"help": "HF checkpoint directory to start from"})
-    train: str = field(default="", metadata={"help": "training JSONL: {messages} or {prompt, completion}; {text} with --format text"})
-    val: str | None = field(default=None, metadata={"help": "held-out JSONL (loss and answer accuracy)"})
-    out: str = field(default="runs/sft", metadata={"help": "run directory"})
-    format: Literal["chat", "text"] = field(default="chat", metadata={
-        "help": "chat: loss on assistant replies; text: plain documents, loss on every token (pretraining)"})
-    chat_format: ChatFormatName | None = field(default=None, metadata={"help": CHAT_FORMAT_HELP})
-    max_len: int = field(default=512, metadata={"help": "tokens per packed row (longer examples: see overflow)"})
-    overflow: Literal["truncate", "drop"] = "truncate"
-    batch_rows: int = field(default=8, metadata={"help": "packed rows per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    epochs: float = 1.0
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: from epochs"})
-    max_seconds: float = field(default=0.0, metadata={
-        "help": "stop after this much training time (0: no limit); e.g. a control arm at equal compute"})
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = field(default=10, metadata={
-        "help": "steps of linear lr warmup (one longer than the run is cut to the run)"})
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float = 1.0
-    eval_every: int = field(default=50, metadata={"help": "steps between held-out evaluations (0: only at the end)"})
-    eval_accuracy_samples: int = field(default=64, metadata={"help": "held-out prompts for greedy accuracy"})
-    max_new_tokens: int = 128
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at evals and the end)"})
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    fsdp: bool = field(default=False, metadata={"help": distributed.FSDP_HELP})
-    grad_checkpointing: bool = field(default=False, metadata={"help": GRAD_CHECKPOINTING_HELP})
-    stop_on: list[str] = field(default_factory=list, metadata={"help": STOP_ON_HELP})
-    resume: bool = field(default=False, metadata={"help": RESUME_HELP})
-    overwrite: bool = field(default=False, metadata={"help": OVERWRITE_HELP})
-    resume_override: list[str] = field(default_factory=list, metadata={"help": RESUME_OVERRIDE_HELP})
-
-    def validate(self) -> None:
-        check_stop_on(self.stop_on)  # at parse time, before any model is loaded
-        if not self.model or not self.train:
-            raise ValueError("--model and --train are required")
-        check_training_options(self)
-        require(
-            ("--max-len", self.max_len, self.max_len >= 2, ">= 2 (an input token and its label)"),
-            ("--batch-rows", self.batch_rows, self.batch_rows >= 1, ">= 1"),
-            ("--grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
-            ("--max-steps", self.max_steps, self.max_steps >= 0, ">= 0 (0: as many as --epochs take)"),
-            # With --max-steps 0 the epochs decide the length: 0 would still run one step.
-            ("--epochs", self.epochs, self.max_steps > 0 or (is_finite(self.epochs) and self.epochs > 0),
-             "a finite number > 0 (or give --max-steps)"),
-            ("--max-seconds", self.max_seconds, self.max_seconds >= 0, ">= 0 (0: no time limit)"),
-            ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
-            ("--eval-accuracy-samples", self.eval_accuracy_samples, not self.val or self.eval_accuracy_samples >= 1,
-             ">= 1 with --val"),
-        )
 
 
 def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
@@ -240,12 +174,9 @@ def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
     """
     run = Run(cfg, log, monitor)
     log, dist, device = run.log, run.dist, run.device
-    tokenizer = load_tokenizer(cfg.model, chat_format=cfg.chat_format)
-    log(stop_tokens_line(tokenizer))  # what evaluation stops on, and the saved checkpoints declare
+    tokenizer = run.load_tokenizer()
     train_examples, val_batches, acc_items, n_val = load_data(cfg, tokenizer, log)
     model = load_model(cfg.model, device=device, dtype=torch.float32).train()
-    model.grad_checkpointing = cfg.grad_checkpointing
-    release_memory_in_backward(model, device)
     order = DataOrder(train_examples, cfg, tokenizer.pad_token_id)
     per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.per_epoch / per_step))
@@ -258,11 +189,9 @@ def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
               f"{per_step} micro-batch(es) of {cfg.batch_rows} x {cfg.max_len} tokens each", model)
 
     def save(name: str, eval_row: dict | None = None) -> None:
-        whole = distributed.full_state(model, optimizer, dist)  # a collective under FSDP2
-        if dist.main:
-            save_checkpoint(checkpoint_path(run.dir, name), model=whole[0], tokenizer=tokenizer, optimizer=whole[1],
-                            extra={"step": step, "consumed": consumed, "best_val_loss": best, "world": dist.world,
-                                   "metrics": last_eval if eval_row is None else eval_row})
+        run.save(name, model, optimizer, tokenizer, {
+            "step": step, "consumed": consumed, "best_val_loss": best, "world": dist.world,
+            "metrics": last_eval if eval_row is None else eval_row})
 
     def run_eval() -> dict:
         nonlocal best, last_eval

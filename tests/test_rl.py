@@ -11,6 +11,7 @@ from nanopost.generate import generate
 from nanopost.plumbing.metrics import read_metrics
 from nanopost.grpo_loop import GRPOConfig, overlong_penalty, sequence_logprobs, train_grpo
 from nanopost.plumbing.training_checkpoint import checkpoint_path
+from nanopost.plumbing.user_rewards import model_rewards
 from tiny import larger_rl_records, larger_task, sevens, split_pairs, write_jsonl
 
 
@@ -212,15 +213,15 @@ def test_ensemble_from_the_config_standardises_its_members(task, tmp_path):
     rms = two_reward_models(task, tmp_path)
     prompts = ["Which is larger, 3 or 8?"] * 3 + ["Which is larger, 1 or 2?"] * 3
     completions = ["<answer>8</answer>", "<answer>3</answer>", "8", "<answer>2</answer>", "1", "two"]
-    ensemble = rl.model_rewards(config(task, tmp_path, reward_models=rms, rm_ensemble="mean"), "cpu")["rm"]
+    ensemble = model_rewards(config(task, tmp_path, reward_models=rms, rm_ensemble="mean"), "cpu")["rm"]
     combined, members = ensemble.score(prompts, completions)
     # each member is a z-score within each prompt's completions, so each prompt's mean is 0...
     assert sum(combined[:3]) == pytest.approx(0.0, abs=1e-6) and sum(combined[3:]) == pytest.approx(0.0, abs=1e-6)
     assert max(abs(x) for x in combined) > 0.1
     # ...while the members are logged as they scored
     assert members["a"] != pytest.approx(combined)
-    raw = rl.model_rewards(config(task, tmp_path, reward_models=rms, rm_ensemble="mean", rm_ensemble_normalize="none"),
-                           "cpu")["rm"]
+    raw = model_rewards(config(task, tmp_path, reward_models=rms, rm_ensemble="mean", rm_ensemble_normalize="none"),
+                        "cpu")["rm"]
     assert raw.score(prompts, completions)[0] == pytest.approx([(x + y) / 2 for x, y in zip(members["a"], members["b"])])
 
 

@@ -47,8 +47,6 @@ except ImportError:  # pragma: no cover
 
 T = TypeVar("T")
 
-FSDP_HELP = "under torchrun: shard weights, gradients and optimizer state over ranks (FSDP2) instead of DDP"
-
 
 @dataclass(frozen=True)
 class Dist:

@@ -1,12 +1,16 @@
 """The scaffold of a training run, the same for SFT and GRPO.
 
     run = Run(cfg, log, monitor)         # processes, seed, the run directory, the checkpoint to resume
+    tokenizer = run.load_tokenizer()     # --model's, in --chat-format; logs the tokens sampling stops on
     trained, optimizer, saved = run.prepare(model)   # its weights and optimizer state, DDP / FSDP2
     run.begin(step, total, data, model)  # the start-of-run summary, metrics.jsonl, the live monitor
     while step < total:
         ... one step ...
         run.record(row)                  # metrics.jsonl, the monitor; a non-finite loss ends the run
         total = run.end_step(step, total, save)   # Ctrl-C / SIGTERM, --stop-on, --max-seconds, checkpoints
+
+`save(name)` is the loop's own: it gathers what its checkpoint holds besides the weights and the
+optimizer, and hands it to `run.save(name, model, optimizer, tokenizer, extra)`.
 
 `monitor` watches the rows as they come (the scripts pass nanopost.tools.monitor.LiveMonitor): it
 is called as monitor(stop_on=..., log=..., history=...) and what it returns has observe(row),
@@ -25,16 +29,18 @@ import torch
 from ..model import Transformer
 from . import distributed, interrupt
 from .config import save_config
+from .hf_io import load_tokenizer
 from .metrics import MetricsLogger, Progress, read_metrics
 from .run_dir import check_resume_config, check_writable, clear_run, describe_run, refuse_if_held
-from .run_summary import summary_lines
-from .runtime import make_optimizer, seed_everything
-from .training_checkpoint import checkpoint_path, load_checkpoint, load_optimizer_state, read_summary, resumable_checkpoint
+from .run_summary import stop_tokens_line, summary_lines
+from .runtime import make_optimizer, release_memory_in_backward, seed_everything
+from .tokenizer import Tokenizer
+from .training_checkpoint import (checkpoint_path, load_checkpoint, load_optimizer_state, read_summary,
+                                  resumable_checkpoint, save_checkpoint)
 
 # What a run's monitor can find; --stop-on names some of them (nanopost.tools.monitor says what each means).
 FINDINGS = ("overfitting", "reward_hacking", "length_exploding", "length_collapsing", "entropy_collapse",
             "kl_runaway", "lr_too_low", "lr_too_high", "no_learning", "no_signal", "early_stop")
-STOP_ON_HELP = "monitor findings that end the run early, e.g. early_stop,lr_too_high (nanopost.tools.monitor)"
 
 
 def check_stop_on(codes: Iterable[str]) -> set[str]:
@@ -161,9 +167,33 @@ class Run:
         self.monitor = None
         self.metrics: MetricsLogger | None = None
 
+    def load_tokenizer(self) -> Tokenizer:
+        """--model's tokenizer, rendering chats as --chat-format says. The tokens sampling stops on
+        (and the saved checkpoints declare) are logged at once: finding them recognises the chat
+        template, so one that cannot be used fails before anything else."""
+        tokenizer = load_tokenizer(self.cfg.model, chat_format=self.cfg.chat_format)
+        self.log(stop_tokens_line(tokenizer))
+        return tokenizer
+
     def prepare(self, model: Transformer) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
-        """(the module to train through, AdamW, what the checkpoint saved besides, {} if none)."""
+        """(the module to train through, AdamW, what the checkpoint saved besides, {} if none).
+        The model recomputes activations in its backward under --grad-checkpointing (only forwards
+        that record gradients do), and frees memory as the backward passes through it."""
+        model.grad_checkpointing = self.cfg.grad_checkpointing
+        release_memory_in_backward(model, self.device)
         return prepare_training(model, self.cfg, self.dist, self.resume_from)
+
+    def save(self, name: str, model: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
+             extra: dict[str, Any]) -> Path | None:
+        """Write checkpoint `name` (checkpoints/NAME: whole weights, optimizer, tokenizer, `extra`).
+        Every process calls it, since gathering FSDP2 shards is a collective; rank 0 alone writes,
+        and gets the checkpoint's path back (the others None)."""
+        whole = distributed.full_state(model, optimizer, self.dist)
+        if not self.dist.main:
+            return None
+        path = checkpoint_path(self.dir, name)
+        save_checkpoint(path, model=whole[0], tokenizer=tokenizer, optimizer=whole[1], extra=extra)
+        return path
 
     def begin(self, step: int, total: int, data: str, model: Transformer) -> None:
         """Say what the run is about to do, open metrics.jsonl and start watching."""

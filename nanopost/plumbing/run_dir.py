@@ -30,10 +30,6 @@ from .config import config_to_dict
 from .metrics import METRICS_FILE
 
 CONFIG_FILES = ("config.json", "config.toml")
-# The help of the options this module acts on, shared by every training script.
-RESUME_HELP = "continue the run in --out from its latest checkpoint (its options must match; see --resume-override)"
-OVERWRITE_HELP = "start afresh in an --out that holds a run, removing its metrics.jsonl, checkpoints/ and config"
-RESUME_OVERRIDE_HELP = "options --resume may change although they change what the run means, e.g. lr,train"
 
 # Options --resume may change: they decide how the run is watched, on what it runs and where it
 # writes, not what it trains on or how it updates.

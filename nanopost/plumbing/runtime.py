@@ -11,11 +11,6 @@ import numpy as np
 import torch
 
 from ..model import Transformer
-from .config import is_finite, require
-
-
-GRAD_CHECKPOINTING_HELP = ("recompute each block's activations in the backward instead of storing them: "
-                           "one more forward per block for much less activation memory")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -51,26 +46,6 @@ def pick_device(name: str = "auto") -> torch.device:
             return device
         missing = f"{device.type} is not available on this machine"
     raise ValueError(f"--device {name}: {missing}; use --device cpu, or auto to take a GPU when there is one")
-
-
-def check_training_options(cfg) -> None:
-    """Range checks of the options SFT and GRPO share (learning rate, AdamW, logging, device);
-    called by their `validate()`, so a bad value is refused before anything is loaded."""
-    require(
-        ("--lr", cfg.lr, is_finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
-        ("--min-lr-ratio", cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
-        # A warmup longer than the run is not refused: lr_at caps it at the run's length (a short
-        # trial run with the default warmup is common), so the lr then rises over the whole run.
-        ("--warmup-steps", cfg.warmup_steps, cfg.warmup_steps >= 0, ">= 0"),
-        ("--weight-decay", cfg.weight_decay, is_finite(cfg.weight_decay) and cfg.weight_decay >= 0,
-         "a finite number >= 0"),
-        ("--betas", ",".join(map(str, cfg.betas)), all(0 <= b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
-        ("--clip-grad", cfg.clip_grad, cfg.clip_grad > 0, "> 0 (0 would zero every gradient; inf: no clipping)"),
-        ("--eval-every", cfg.eval_every, cfg.eval_every >= 0, ">= 0 (0: evaluate only at the end)"),
-        ("--save-every", cfg.save_every, cfg.save_every >= 0, ">= 0"),
-        ("--log-every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
-    )
-    pick_device(cfg.device)
 
 
 def autocast(device: torch.device, precision: str = "auto"):

@@ -1,4 +1,5 @@
-"""Reward functions of your own, named on the command line: `--reward-fn SPEC`.
+"""Reward functions of your own, named on the command line: `--reward-fn SPEC`; and the reward
+models of `--reward-models`.
 
     --reward-fn mypkg.rewards:brevity          a function in an importable module
     --reward-fn path/to/my_rewards.py:brevity  a function in a file (imported as a module, never eval'd)
@@ -13,6 +14,9 @@ A function named like a reward of --rewards (e.g. `accuracy`) takes that reward'
 Before step 1 each function is called on a few training records with an empty completion and a
 short made-up one: a function that raises there, or returns something other than a finite number
 or None, is refused then, naming the option and the function, rather than hours into the run.
+
+`model_rewards` loads the reward models (nanopost/tools/reward_model.py) before step 1 too, so
+the GRPO loop receives every reward ready to call.
 """
 
 from __future__ import annotations
@@ -121,3 +125,25 @@ def load_reward_fns(specs: Sequence[str], records: Sequence[dict]) -> dict[str, 
         check_total(spec, name, fn, records)
         funcs[name] = fn
     return funcs
+
+
+def model_rewards(cfg, device) -> dict[str, Callable]:
+    """The reward models a GRPOConfig names in --reward-models, each a batched reward function
+    under its name there (or, with --rm-ensemble, one ensemble named 'rm').
+
+    An ensemble standardises each member within each prompt's completions before combining them
+    (--rm-ensemble-normalize group, the default): a reward model's scale is arbitrary, and the
+    widest-scaled member would otherwise decide the mean or the min alone.
+    """
+    if not cfg.reward_models:
+        return {}
+    # Reward models are a tool (nanopost/tools/reward_model.py): loaded only when a run names one.
+    from ..tools.reward_model import ModelReward, RewardEnsemble, load_reward_model
+    from .hf_io import load_tokenizer
+
+    members = {name: ModelReward(load_reward_model(path, device=device), load_tokenizer(path))
+               for name, path in cfg.reward_models.items()}
+    if cfg.rm_ensemble == "none":
+        return members
+    return {"rm": RewardEnsemble(members, mode=cfg.rm_ensemble, lam=cfg.rm_ensemble_lambda,
+                                 normalize=cfg.rm_ensemble_normalize)}
