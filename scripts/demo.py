@@ -91,6 +91,9 @@ class DemoConfig:
         "help": "how worked examples reason: 'equations' (one per operation) or 'columns' (each operation "
                 "digit by digit first)"})
     max_len: int = field(default=192, metadata={"help": "tokens per pretraining and SFT row"})
+    tag_tokens: bool = field(default=False, metadata={
+        "help": "make <think> </think> <answer> </answer> one token each (as Qwen3 has its think tags) rather "
+                "than 3-4 byte-pair pieces; off: GRPO then learned far less here (docs/EXPERIMENTS.md)"})
     # the base model
     vocab_size: int = 384
     hidden_size: int = 128
@@ -101,7 +104,9 @@ class DemoConfig:
     pretrain_steps: int = 500
     pretrain_lr: float = 3e-3
     # SFT
-    sft_examples: int = 12000
+    # A pool SFT goes through about twice: repeating a smaller one five times memorises its bare
+    # answers, and on some seeds GRPO then starts from a model whose worked answers are weaker.
+    sft_examples: int = 40000
     sft_steps: int = 900
     sft_lr: float = 1e-3
     # GRPO
@@ -159,8 +164,8 @@ def write_data(cfg: DemoConfig, root: Path) -> dict[str, Path]:
 def build_base(cfg: DemoConfig, root: Path, files: dict[str, Path], log) -> Path:
     """Tokenizer + random model, pretrained on plain task text; cached by its settings."""
     base = root / "base"
-    key = {k: getattr(cfg, k) for k in ("seed", "work", "max_len", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
-                                        "pretrain_docs", "pretrain_steps", "pretrain_lr")}
+    key = {k: getattr(cfg, k) for k in ("seed", "work", "max_len", "tag_tokens", "vocab_size", "hidden_size", "layers",
+                                        "heads", "kv_heads", "pretrain_docs", "pretrain_steps", "pretrain_lr")}
     key["template"] = TEMPLATE.user_message("{question}")  # the tokenizer is trained on prompts too
     key["tokenizer_texts"] = "pretraining documents + SFT prompts"
     marker = base / "demo_base.json"
@@ -171,7 +176,8 @@ def build_base(cfg: DemoConfig, root: Path, files: dict[str, Path], log) -> Path
     # The prompt's fixed wording (tags included) should be a few tokens, not dozens of bytes:
     # train on it too. Prompts only, so the base does not depend on how the SFT answers look.
     texts += [r["prompt"] for r in map(json.loads, files["sft"].read_text().splitlines()[:1000])]
-    tokenizer = train_bpe(texts, cfg.vocab_size, split_digits=True)
+    tags = TEMPLATE.think_tags + TEMPLATE.answer_tags if cfg.tag_tokens else ()
+    tokenizer = train_bpe(texts, cfg.vocab_size, split_digits=True, added_tokens=tags)
     model_cfg = ModelConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
                             intermediate_size=int(cfg.hidden_size * 8 / 3) // 8 * 8, num_hidden_layers=cfg.layers,
                             num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
