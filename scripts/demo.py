@@ -12,7 +12,7 @@ Hugging Face checkpoint and cached. Then:
              a curriculum and a temperature schedule: it learns which of the two behaviours the
              SFT model imitates gets answers right
     control  SFT continued from the same SFT model on the same data, for a number of steps that
-             takes at least GRPO's wall time, so "GRPO helped" cannot mean "it just trained longer"
+             takes about GRPO's wall time, so "GRPO helped" cannot mean "it just trained longer"
 
 Each stage is evaluated on the same fixed held-out split (data/arithmetic/test.jsonl): greedy
 accuracy with a 95% interval, avg@k, and accuracy per difficulty level; SFT and the control are
@@ -115,7 +115,8 @@ class DemoConfig:
     group_size: int = 8
     grpo_lr: float = 1e-5
     # the control
-    control_steps: int = field(default=210, metadata={"help": "SFT steps of the control (at least GRPO's wall time)"})
+    control_steps: int = field(default=210, metadata={
+        "help": "SFT steps of the control (about GRPO's wall time; the report gives both)"})
     control_lr: float = 3e-4
     temperature: float = 0.8
     temperature_end: float = 1.0
@@ -261,7 +262,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     grpo_seconds = time.perf_counter() - t0
 
     # A step budget, not GRPO's wall time: a budget in seconds would follow the machine's load of the
-    # moment, and the control would not repeat. Its steps are chosen to take at least GRPO's time.
+    # moment, and the control would not repeat. Its steps are chosen to take about GRPO's time.
     log(f"control: SFT continued for {cfg.control_steps} steps (GRPO took {grpo_seconds:.0f}s)")
     control_run = root / "control"
     t0 = time.perf_counter()
