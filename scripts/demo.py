@@ -51,6 +51,7 @@ from nanopost.model import ModelConfig, Transformer
 from nanopost.plumbing.config import main_guard, parse_config, save_config
 from nanopost.plumbing.hf_io import load_model, load_tokenizer, save_model
 from nanopost.plumbing.metrics import read_metrics
+from nanopost.plumbing.runtime import pick_device
 from nanopost.plumbing.tokenizer import train_bpe
 from nanopost.plumbing.training_checkpoint import checkpoint_path
 from nanopost.prompts import PromptTemplate
@@ -122,7 +123,8 @@ class DemoConfig:
     temperature_end: float = 1.0
     max_new_tokens: int = 160
     eval_k: int = 2
-    threads: int = 2
+    threads: int = field(default=2, metadata={"help": "CPU threads"})
+    device: str = field(default="auto", metadata={"help": "auto (a GPU if there is one) | cpu | cuda | ..."})
 
 
 # The same pipeline in seconds: for the tests and for trying changes to the demo itself.
@@ -193,7 +195,8 @@ def build_base(cfg: DemoConfig, root: Path, files: dict[str, Path], log) -> Path
     log(f"base model: {model.num_params() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}; pretraining")
     train_sft(SFTConfig(model=str(init), train=str(files["pretrain"]), out=str(base / "run"), format="text",
                         max_len=cfg.max_len, batch_rows=32, max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                        warmup_steps=20, eval_every=0, log_every=50, seed=cfg.seed, overwrite=True), log=log)
+                        warmup_steps=20, eval_every=0, log_every=50, seed=cfg.seed, overwrite=True,
+                        device=cfg.device), log=log)
     final = base / "model"
     src = checkpoint_path(base / "run", "last")
     save_model(load_model(src), final)
@@ -208,7 +211,7 @@ def worked_out(completion: str, item: EvalItem | None = None) -> float:
 
 
 def eval_stage(model_dir: Path, items_file: Path, cfg: DemoConfig, k: int) -> dict:
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, device=pick_device(cfg.device))
     task = get_task("arithmetic", split="test")
     items = [EvalItem(tokenize_prompt(tokenizer, TEMPLATE.messages(r["prompt"])), r["answer"], r["difficulty"], r)
              for r in load_rl(items_file)]
@@ -219,6 +222,7 @@ def eval_stage(model_dir: Path, items_file: Path, cfg: DemoConfig, k: int) -> di
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
+    pick_device(cfg.device)  # a device this machine lacks is refused before any work
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
@@ -229,7 +233,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     # A rerun of the demo trains every stage again into the same directories (only the base is cached).
     log(f"SFT on levels {','.join(map(str, cfg.sft_levels))}, {cfg.sft_worked:.0%} of the examples worked out")
     sft_run = root / "sft"
-    held_out = dict(val=str(files["test_sft"]), eval_accuracy_samples=10**6, max_new_tokens=cfg.max_new_tokens)
+    held_out = dict(val=str(files["test_sft"]), eval_accuracy_samples=10**6, max_new_tokens=cfg.max_new_tokens,
+                    device=cfg.device)
     train_sft(SFTConfig(model=str(base), train=str(files["sft"]), out=str(sft_run), max_len=cfg.max_len, batch_rows=32,
                         max_steps=cfg.sft_steps, lr=cfg.sft_lr, warmup_steps=20, eval_every=max(math.ceil(cfg.sft_steps / 3), 1),
                         log_every=50, seed=cfg.seed, overwrite=True, **held_out), log=log, monitor=LiveMonitor)
@@ -250,6 +255,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         # Four evaluations: by step 50 the live monitor judges format against held-out accuracy, not
         # against the train accuracy, which falls as the curriculum brings harder prompts in.
         eval_every=max(cfg.grpo_steps // 4, 1), eval_samples=10**6, log_every=10, seed=cfg.seed, overwrite=True,
+        device=cfg.device,
         # Easy levels first, all levels later with the hard ones in; prompts the model sometimes
         # solves are preferred (p(1 - p) weighting); the later stage samples hotter.
         curriculum="learnability",

@@ -1,7 +1,13 @@
 """The demo pipeline at toy scale: every stage runs, the report has its parts, the base is cached."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 from demo import TOY, DemoConfig, gain, intervals_apart, run_demo, run_seeds
 from nanopost.plumbing.metrics import read_metrics
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_toy_demo_writes_a_complete_report(tmp_path):
@@ -57,3 +63,11 @@ def test_gain_and_intervals_are_read_against_the_better_rival():
     assert abs(gain(r) - 0.25) < 1e-12 and intervals_apart(r)
     r["control"]["accuracy_hi"] = 0.40
     assert not intervals_apart(r)
+
+
+def test_a_device_the_machine_lacks_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "demo.py"), "--toy", "--device", "cuda:99", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --device cuda:99: ") and not proc.stdout
+    assert not out.exists()
