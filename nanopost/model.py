@@ -294,9 +294,12 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False):
     """log softmax(logits / temperature) at `targets`, in float32 (float64 for float64 logits), and
-    each position's entropy (monitored: no gradient) when asked."""
+    each position's entropy (monitored: no gradient) when asked. logits [..., V], targets [...].
+    The log-prob stays differentiable and in float32 even for bf16 logits: a bf16 log-prob would
+    be too coarse for the ratio π_θ/π_old. The temperature is checked by the caller."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     log_probs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     logp = log_probs.gather(-1, targets.long()[..., None])[..., 0]
