@@ -514,14 +514,5 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if with_embeddings else n - self.model.embed_tokens.weight.numel()
 
-    def flops_per_token(self, context: int = 0) -> float:
-        """Forward FLOPs per token: 2 per matmul weight, plus attention over `context` keys."""
-        cfg = self.config
-        matmul = self.num_params() - self.model.embed_tokens.weight.numel()
-        if cfg.tie_word_embeddings:
-            matmul += self.lm_head.weight.numel()
-        attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
-        return 2.0 * matmul + attn
-
 
 from .fast import transformer as fast  # noqa: E402  (the fast path builds on the classes above)

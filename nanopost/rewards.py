@@ -10,7 +10,6 @@ fast on adversarial input (megabyte strings, unbalanced tags, huge numbers): pat
     thinking_reward(completion, ...)     [0, 1]   reasoning that is really work: true, grounded, distinct
                                                   steps ending at the answer (free text: distinct content
                                                   words, no filler, repetition or copied question/answer)
-    arithmetic_step_score(text, answer)  [0, 1]   share of true equations in the reasoning (None: none)
     countdown_reward(completion, ...)    {0, 1}   the answer reaches the Countdown target (safe_math)
 
 Answer extraction, in priority order (the first kind found anywhere wins; within a kind the LAST
@@ -42,7 +41,7 @@ from nanopost.safe_math import applies_identity, evaluate, normalize_operators, 
 
 __all__ = [
     "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward",
-    "thinking_reward", "arithmetic_step_score", "anneal_weight", "countdown_reward", "safe_eval",
+    "thinking_reward", "countdown_reward", "safe_eval",
     "RewardFn", "sample_reward", "combine_rewards",
 ]
 
@@ -492,38 +491,19 @@ def _unit(x: float) -> float:
 _EQUATION_RUN = re.compile(r"[0-9.,+\-*/()=$ \t]+")  # maximal runs of arithmetic characters
 _CLAUSE_BREAK = re.compile(r",\s")                    # "3 + 4 = 7, 7 * 2 = 14"
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_MAX_SCAN_CHARS = 20_000  # arithmetic_step_score reads the tail of longer texts
+_MAX_SCAN_CHARS = 20_000  # _equations reads the tail of longer texts
 _MAX_EQUATIONS = 64       # ... and at most this many of the last equations
 _MAX_EQUATION_CHARS = 512
 
 
-def arithmetic_step_score(text: str, final_answer: str | None = None) -> float | None:
-    """Share of the equations in `text` that are arithmetically true, in [0, 1]; None if there are none.
+def _equations(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, str]]:
+    """(true?, numbers the step starts from, value of its last side, arrives at no number?, the
+    expression it starts from) for each equation.
 
     An equation is a run of arithmetic written inline, `a op b = c`, or a chain `a + b = c * 2 = d`
     (true when every side has the same value); it needs at least one side that is not a bare number.
     Values are exact (safe_math, never eval); stray leading words such as a list number ("1. 2 * 3 = 6")
-    are skipped, but an expression that parses is taken as written, right or wrong.
-    With `final_answer`, the score is 0.5 * (share of true equations) + 0.5 * (the final answer
-    equals the value the last equation arrives at).
-    """
-    if not isinstance(text, str):
-        return None
-    steps = _equations(text)
-    if not steps:
-        return None
-    share = sum(step[0] for step in steps) / len(steps)
-    if final_answer is None:
-        return share
-    answer = parse_number(final_answer)
-    if answer is None:
-        answer = safe_eval(final_answer)
-    return 0.5 * share + 0.5 * (answer is not None and answer == steps[-1][2])
-
-
-def _equations(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, str]]:
-    """(true?, numbers the step starts from, value of its last side, arrives at no number?, the
-    expression it starts from) for each equation."""
+    are skipped, but an expression that parses is taken as written, right or wrong."""
     text = normalize_operators(text[-_MAX_SCAN_CHARS:])
     clauses = [clause for run in _EQUATION_RUN.findall(text) if "=" in run
                for clause in _CLAUSE_BREAK.split(run) if "=" in clause]
@@ -581,21 +561,6 @@ def _edge(side: str, *, from_left: bool) -> tuple[Fraction, list[Fraction], str]
         if result is not None:
             return (*result, kept)
     return None
-
-
-def anneal_weight(step: int, total_steps: int, start: float, end: float,
-                  kind: str = "linear") -> float:
-    """A reward weight moved from `start` (step 0) to `end` (step >= total_steps), clamped outside.
-
-    kind="linear" or "cosine" (half cosine: slow at both ends). Use it to fade a shaping reward such
-    as thinking_reward out as the accuracy reward takes over.
-    """
-    progress = 1.0 if total_steps <= 0 else min(1.0, max(0.0, step / total_steps))
-    if kind == "linear":
-        return start + (end - start) * progress
-    if kind == "cosine":
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f'anneal_weight: kind must be "linear" or "cosine", got {kind!r}')
 
 
 # ---------------------------------------------------------------------------------------- combining
