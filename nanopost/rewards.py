@@ -10,7 +10,6 @@ fast on adversarial input (megabyte strings, unbalanced tags, huge numbers): pat
     thinking_reward(completion, ...)     [0, 1]   reasoning that is really work: true, grounded, distinct
                                                   steps ending at the answer (free text: distinct content
                                                   words, no filler, repetition or copied question/answer)
-    countdown_reward(completion, ...)    {0, 1}   the answer reaches the Countdown target (safe_math)
 
 Answer extraction, in priority order (the first kind found anywhere wins; within a kind the LAST
 occurrence wins, because models revise themselves):
@@ -37,11 +36,11 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 
-from nanopost.safe_math import applies_identity, evaluate, normalize_operators, reaches_target, safe_eval
+from nanopost.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
 
 __all__ = [
     "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward",
-    "thinking_reward", "countdown_reward", "safe_eval",
+    "thinking_reward", "safe_eval",
     "RewardFn", "sample_reward", "combine_rewards",
 ]
 
@@ -242,19 +241,6 @@ def answers_match(pred: str | None, gold: str | int | float | None) -> bool:
 def accuracy_reward(completion: str, answer: str | int | float) -> float:
     """1.0 if the answer extracted from `completion` matches `answer` (see answers_match), else 0.0."""
     return 1.0 if answers_match(extract_answer(completion), answer) else 0.0
-
-
-def countdown_reward(completion: str, numbers: Sequence[int | float | str], target: int | float | str,
-                     *, use_all: bool = True) -> float:
-    """1.0 if the completion's answer is an expression over `numbers` that equals `target`, else 0.0.
-
-    The answer is `extract_answer(completion)` (so `<answer>(44 - 19) * 35 / 5</answer>`), checked by
-    `safe_math.reaches_target`: each number used at most once, every one of them with `use_all=True`
-    (the default), and a trailing "= value" must be right too. Formatting is scored separately
-    (format_reward); this reward is correctness only.
-    """
-    answer = extract_answer(completion) if isinstance(completion, str) else None
-    return 1.0 if answer is not None and reaches_target(answer, numbers, target, use_all=use_all) else 0.0
 
 
 # ------------------------------------------------------------------------------------------- format
@@ -575,7 +561,6 @@ def sample_reward(name: str, **options: Any) -> RewardFn:
     "format"    -
     "thinking"  sample["question"] (or a str "prompt"): the numbers steps may start from;
                 option reference_steps=True: coverage of sample["reasoning"], the task's solution
-    "countdown" sample["numbers"], sample["target"]    None when either is missing
     """
     if name == "accuracy":
         if options:
@@ -597,14 +582,9 @@ def sample_reward(name: str, **options: Any) -> RewardFn:
             steps = sample.get("reasoning") if reference else None
             return thinking_reward(completion, question=question if isinstance(question, str) else None,
                                    steps=steps if isinstance(steps, str) else None, **options)
-    elif name == "countdown":
-        def reward(completion: str, sample: Mapping[str, Any]) -> float | None:
-            if sample.get("numbers") is None or sample.get("target") is None:
-                return None
-            return countdown_reward(completion, sample["numbers"], sample["target"], **options)
     else:
         raise ValueError(f'sample_reward: unknown reward {name!r}; '
-                         'expected "accuracy", "format", "thinking" or "countdown"')
+                         'expected "accuracy", "format" or "thinking"')
     reward.__name__ = name
     return reward
 

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from nanopost.rewards import (_equations, accuracy_reward, answers_match, combine_rewards, countdown_reward,
-                              extract_answer, format_reward, parse_number, sample_reward, thinking_reward)
+from nanopost.rewards import (_equations, accuracy_reward, answers_match, combine_rewards, extract_answer,
+                              format_reward, parse_number, sample_reward, thinking_reward)
+from nanopost.tasks.countdown import countdown_reward
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
             "in May. How many clips did Natalia sell altogether in April and May?")
@@ -393,13 +394,11 @@ def test_combine_rejects_bad_input_with_a_clear_message(kwargs, message):
 
 def test_sample_rewards_read_their_fields_from_the_sample():
     accuracy, fmt = sample_reward("accuracy"), sample_reward("format", partial=True)
-    thinking, countdown = sample_reward("thinking"), sample_reward("countdown")
+    thinking = sample_reward("thinking")
     assert accuracy(GOOD, {"answer": "72"}) == 1.0
     assert accuracy(GOOD, {}) is None
     assert fmt("<answer>1</answer>", {}) == 0.25
     assert thinking(f"<think>{QUESTION}</think><answer>72</answer>", {"question": QUESTION}) == 0.0
-    assert countdown("<answer>2 + 3</answer>", {"numbers": [2, 3], "target": 5}) == 1.0
-    assert countdown("<answer>2 + 3</answer>", {"answer": "5"}) is None
     total, per = combine_rewards([GOOD], [{"answer": "72"}], [("accuracy", accuracy, 1.0),
                                                              ("format", fmt, 0.5)])
     assert total == [1.5] and per == {"accuracy": [1.0], "format": [1.0]}
@@ -408,6 +407,8 @@ def test_sample_rewards_read_their_fields_from_the_sample():
 def test_sample_reward_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match="unknown reward"):
         sample_reward("length")
+    with pytest.raises(ValueError, match="unknown reward"):  # the Countdown task's check is the task's
+        sample_reward("countdown")
     with pytest.raises(TypeError, match="no options"):
         sample_reward("accuracy", partial=True)
 
