@@ -124,13 +124,6 @@ def record_key(record: dict, index: int) -> str:
     return str(index) if value is None else str(value)
 
 
-def difficulty_from_pass_rate(pass_rate: float) -> float:
-    """Difficulty in [0, 1]: 0 = always solved, 1 = never solved."""
-    if not 0.0 <= pass_rate <= 1.0:
-        raise ValueError(f"a pass rate must be in [0, 1], got {pass_rate}")
-    return 1.0 - pass_rate
-
-
 def unique_keys(records: Sequence[dict]) -> list[str]:
     keys = [record_key(r, i) for i, r in enumerate(records)]
     if len(set(keys)) != len(keys):
@@ -298,11 +291,13 @@ class CurriculumSampler:
         self.difficulty: dict[str, float | None] = {}
         for key, record in zip(self.keys, self.records):
             d = record.get("difficulty")
-            if d is None and key in prior:
-                d = difficulty_from_pass_rate(prior[key])
+            if d is None and key in prior:  # difficulty in [0, 1]: 0 = always solved, 1 = never solved
+                if not 0.0 <= prior[key] <= 1.0:
+                    raise ValueError(f"a pass rate must be in [0, 1], got {prior[key]}")
+                d = 1.0 - prior[key]
             self.difficulty[key] = None if d is None else float(d)
         self._by_object = {id(r): key for r, key in zip(self.records, self.keys)}
-        self._bounds = self._check_stages()
+        self._bounds = check_stages(self.stages)
         self.pools = [self._stage_pool(i, s) for i, s in enumerate(self.stages)]
         self.previous = []  # prompts of earlier stages that the stage itself does not hold
         for i, pool in enumerate(self.pools):
@@ -320,9 +315,6 @@ class CurriculumSampler:
         self._batch_p: list[float | None] = []  # their tracked pass rates when drawn
 
     # -- stages
-
-    def _check_stages(self) -> list[float]:
-        return check_stages(self.stages)
 
     def _stage_pool(self, i: int, stage: Stage) -> list[str]:
         if not stage.filters:
@@ -438,10 +430,6 @@ class CurriculumSampler:
             name = record.get("id", record.get("prompt"))
             raise ValueError(f"update: record {name!r} is not one of the sampler's records")
         return key
-
-    def pass_rate(self, key: str) -> float | None:
-        """The tracked (EMA) pass rate of a prompt, None before its first group."""
-        return self.ema.get(key)
 
     # -- state and metrics
 

@@ -93,8 +93,8 @@ def sample_token(
             # Tokens top-k removed have zero mass and sort first, so this drops them again.
             removed = drop_sorted.scatter(-1, order, drop_sorted)
         allowed = logp.masked_fill(removed, float("-inf"))
-    # Inverse-CDF draw: one uniform per row instead of one random number per vocabulary entry
-    # (multinomial and Gumbel tricks cost ~10x more on CPU), and no host sync.
+    # Inverse-CDF draw: one uniform per row, where multinomial and Gumbel tricks draw one random
+    # number per vocabulary entry, and no host sync.
     cdf = allowed.exp().cumsum(-1)  # [B, V], unnormalised when top-k/top-p removed tokens
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]

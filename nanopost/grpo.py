@@ -68,10 +68,10 @@ at least one loss token). Each
 call then returns its share, and the shares *sum* to the full-batch loss. Data-parallel
 wrappers that average gradients over W processes need the loss multiplied by W.
 
-Logprobs for the loss are `token_logprobs(logits, tokens, temperature)`, with the same
+Logprobs for the loss are log softmax(logits / temperature) at the sampled tokens, with the same
 temperature the sampler used, so the trained distribution is the one that was sampled. The GRPO
-loop gets the same values from the model (`model(PrefixLogprobs(...))`, nanopost/model.py), whose
-fast path never materialises the logits (nanopost/fast/lm_head.py).
+loop gets them from the model (`model(PrefixLogprobs(...))`; the formula is `token_logprobs` in
+nanopost/model.py), whose fast path never materialises the logits (nanopost/fast/lm_head.py).
 """
 
 from __future__ import annotations
@@ -85,9 +85,6 @@ __all__ = [
     "policy_loss",
     "masked_sum",
     "masked_mean",
-    "token_logprobs",
-    "token_logprobs_and_entropy",
-    "entropy_from_logits",
 ]
 
 SCALES = ("group", "batch", "none")
@@ -333,56 +330,3 @@ def _check_loss_args(logp, old_logp, advantages, mask, ref_logp, beta, kl, clip_
         raise ValueError(f"{where}: num_tokens is the token-mean normaliser; agg={agg!r} uses num_seqs")
     if num_seqs is not None and agg == "token-mean":
         raise ValueError(f"{where}: num_seqs is for the seq-* modes; token-mean uses num_tokens")
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs and entropy from logits
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / temperature) at the given tokens.
-
-    logits [N, T, V] (any float dtype), tokens [N, T] (valid ids everywhere, padding included).
-    Returns [N, T] in float32 (float64 for float64 logits), differentiable w.r.t. logits: a bf16
-    log-prob would be too coarse for the ratio π_θ/π_old. This is the formula, holding the logits
-    whole; the training loops get the same values from the model (`Logprobs`, nanopost/model.py),
-    whose fast path computes them from the hidden states without the logits.
-    """
-    _check_logits_args("token_logprobs", logits, tokens, temperature)
-    return _log_probs(logits, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-
-
-def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """token_logprobs, and the entropy of softmax(logits / temperature) at each position from the
-    same log-softmax. The entropy is monitored, not trained: it carries no gradient."""
-    _check_logits_args("token_logprobs_and_entropy", logits, tokens, temperature)
-    log_probs = _log_probs(logits, temperature)
-    with torch.no_grad():
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1), entropy
-
-
-def _check_logits_args(where: str, logits: Tensor, tokens: Tensor, temperature: float) -> None:
-    if temperature <= 0:
-        raise ValueError(f"{where}: temperature must be > 0, got {temperature} (0 means greedy)")
-    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(
-            f"{where}: need logits [N, T, V] and tokens [N, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
-        )
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy of softmax(logits / temperature) at each position: logits [N, T, V] -> [N, T],
-    in float32 (float64 for float64 logits). Differentiable; call it under torch.no_grad() when
-    it is only monitored."""
-    if temperature <= 0:
-        raise ValueError(f"entropy_from_logits: temperature must be > 0, got {temperature}")
-    if logits.dim() != 3:
-        raise ValueError(f"entropy_from_logits: need logits [N, T, V], got {tuple(logits.shape)}")
-    log_probs = _log_probs(logits, temperature)
-    return -(log_probs.exp() * log_probs).sum(-1)
-
-
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return torch.log_softmax(logits.to(dtype) / temperature, dim=-1)

@@ -218,7 +218,7 @@ class RewardScorer:
 
     def __init__(self, weights: dict[str, float], mode: str = "sum", extra: dict[str, Callable] | None = None):
         funcs = dict(extra or {})
-        self.funcs = [(name, funcs[name] if name in funcs else sample_reward(name), w) for name, w in weights.items()]
+        self.funcs = [(name, funcs[name] if name in funcs else builtin_reward(name), w) for name, w in weights.items()]
         self.mode = mode
 
     def __call__(self, texts: list[str], samples: list[dict], group_size: int,
@@ -234,6 +234,26 @@ class RewardScorer:
         for name, fn, _ in self.funcs:
             if _stateful(fn) and name in state:
                 fn.load_state_dict(state[name])
+
+
+def builtin_reward(name: str) -> Callable:
+    """The function of a --rewards name that no function of the run claims: one of nanopost.rewards
+    (sample_reward), or "countdown", the Countdown task's check (None for a record without the
+    puzzle's numbers and target)."""
+    if name != "countdown":
+        try:
+            return sample_reward(name)
+        except ValueError:
+            raise ValueError(f'unknown reward {name!r}; expected "accuracy", "format", "thinking" or '
+                             '"countdown"') from None
+    task = get_task("countdown")
+
+    def countdown(completion: str, sample: dict) -> float | None:
+        if any(sample.get(f) is None for f in task.fields):
+            return None
+        return task.check(completion, sample)
+
+    return countdown
 
 
 def _stateful(fn) -> bool:

@@ -294,9 +294,12 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False):
     """log softmax(logits / temperature) at `targets`, in float32 (float64 for float64 logits), and
-    each position's entropy (monitored: no gradient) when asked."""
+    each position's entropy (monitored: no gradient) when asked. logits [..., V], targets [...].
+    The log-prob stays differentiable and in float32 even for bf16 logits: a bf16 log-prob would
+    be too coarse for the ratio π_θ/π_old. The temperature is checked by the caller."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     log_probs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     logp = log_probs.gather(-1, targets.long()[..., None])[..., 0]
@@ -510,15 +513,6 @@ class Transformer(nn.Module):
     def num_params(self, with_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if with_embeddings else n - self.model.embed_tokens.weight.numel()
-
-    def flops_per_token(self, context: int = 0) -> float:
-        """Forward FLOPs per token: 2 per matmul weight, plus attention over `context` keys."""
-        cfg = self.config
-        matmul = self.num_params() - self.model.embed_tokens.weight.numel()
-        if cfg.tie_word_embeddings:
-            matmul += self.lm_head.weight.numel()
-        attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
-        return 2.0 * matmul + attn
 
 
 from .fast import transformer as fast  # noqa: E402  (the fast path builds on the classes above)

@@ -10,8 +10,6 @@ fast on adversarial input (megabyte strings, unbalanced tags, huge numbers): pat
     thinking_reward(completion, ...)     [0, 1]   reasoning that is really work: true, grounded, distinct
                                                   steps ending at the answer (free text: distinct content
                                                   words, no filler, repetition or copied question/answer)
-    arithmetic_step_score(text, answer)  [0, 1]   share of true equations in the reasoning (None: none)
-    countdown_reward(completion, ...)    {0, 1}   the answer reaches the Countdown target (safe_math)
 
 Answer extraction, in priority order (the first kind found anywhere wins; within a kind the LAST
 occurrence wins, because models revise themselves):
@@ -38,11 +36,11 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 
-from nanopost.safe_math import applies_identity, evaluate, normalize_operators, reaches_target, safe_eval
+from nanopost.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
 
 __all__ = [
     "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward",
-    "thinking_reward", "arithmetic_step_score", "anneal_weight", "countdown_reward", "safe_eval",
+    "thinking_reward", "safe_eval",
     "RewardFn", "sample_reward", "combine_rewards",
 ]
 
@@ -243,19 +241,6 @@ def answers_match(pred: str | None, gold: str | int | float | None) -> bool:
 def accuracy_reward(completion: str, answer: str | int | float) -> float:
     """1.0 if the answer extracted from `completion` matches `answer` (see answers_match), else 0.0."""
     return 1.0 if answers_match(extract_answer(completion), answer) else 0.0
-
-
-def countdown_reward(completion: str, numbers: Sequence[int | float | str], target: int | float | str,
-                     *, use_all: bool = True) -> float:
-    """1.0 if the completion's answer is an expression over `numbers` that equals `target`, else 0.0.
-
-    The answer is `extract_answer(completion)` (so `<answer>(44 - 19) * 35 / 5</answer>`), checked by
-    `safe_math.reaches_target`: each number used at most once, every one of them with `use_all=True`
-    (the default), and a trailing "= value" must be right too. Formatting is scored separately
-    (format_reward); this reward is correctness only.
-    """
-    answer = extract_answer(completion) if isinstance(completion, str) else None
-    return 1.0 if answer is not None and reaches_target(answer, numbers, target, use_all=use_all) else 0.0
 
 
 # ------------------------------------------------------------------------------------------- format
@@ -492,38 +477,19 @@ def _unit(x: float) -> float:
 _EQUATION_RUN = re.compile(r"[0-9.,+\-*/()=$ \t]+")  # maximal runs of arithmetic characters
 _CLAUSE_BREAK = re.compile(r",\s")                    # "3 + 4 = 7, 7 * 2 = 14"
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_MAX_SCAN_CHARS = 20_000  # arithmetic_step_score reads the tail of longer texts
+_MAX_SCAN_CHARS = 20_000  # _equations reads the tail of longer texts
 _MAX_EQUATIONS = 64       # ... and at most this many of the last equations
 _MAX_EQUATION_CHARS = 512
 
 
-def arithmetic_step_score(text: str, final_answer: str | None = None) -> float | None:
-    """Share of the equations in `text` that are arithmetically true, in [0, 1]; None if there are none.
+def _equations(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, str]]:
+    """(true?, numbers the step starts from, value of its last side, arrives at no number?, the
+    expression it starts from) for each equation.
 
     An equation is a run of arithmetic written inline, `a op b = c`, or a chain `a + b = c * 2 = d`
     (true when every side has the same value); it needs at least one side that is not a bare number.
     Values are exact (safe_math, never eval); stray leading words such as a list number ("1. 2 * 3 = 6")
-    are skipped, but an expression that parses is taken as written, right or wrong.
-    With `final_answer`, the score is 0.5 * (share of true equations) + 0.5 * (the final answer
-    equals the value the last equation arrives at).
-    """
-    if not isinstance(text, str):
-        return None
-    steps = _equations(text)
-    if not steps:
-        return None
-    share = sum(step[0] for step in steps) / len(steps)
-    if final_answer is None:
-        return share
-    answer = parse_number(final_answer)
-    if answer is None:
-        answer = safe_eval(final_answer)
-    return 0.5 * share + 0.5 * (answer is not None and answer == steps[-1][2])
-
-
-def _equations(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, str]]:
-    """(true?, numbers the step starts from, value of its last side, arrives at no number?, the
-    expression it starts from) for each equation."""
+    are skipped, but an expression that parses is taken as written, right or wrong."""
     text = normalize_operators(text[-_MAX_SCAN_CHARS:])
     clauses = [clause for run in _EQUATION_RUN.findall(text) if "=" in run
                for clause in _CLAUSE_BREAK.split(run) if "=" in clause]
@@ -583,21 +549,6 @@ def _edge(side: str, *, from_left: bool) -> tuple[Fraction, list[Fraction], str]
     return None
 
 
-def anneal_weight(step: int, total_steps: int, start: float, end: float,
-                  kind: str = "linear") -> float:
-    """A reward weight moved from `start` (step 0) to `end` (step >= total_steps), clamped outside.
-
-    kind="linear" or "cosine" (half cosine: slow at both ends). Use it to fade a shaping reward such
-    as thinking_reward out as the accuracy reward takes over.
-    """
-    progress = 1.0 if total_steps <= 0 else min(1.0, max(0.0, step / total_steps))
-    if kind == "linear":
-        return start + (end - start) * progress
-    if kind == "cosine":
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f'anneal_weight: kind must be "linear" or "cosine", got {kind!r}')
-
-
 # ---------------------------------------------------------------------------------------- combining
 
 RewardFn = Callable[[str, Mapping[str, Any]], float | None]
@@ -610,7 +561,6 @@ def sample_reward(name: str, **options: Any) -> RewardFn:
     "format"    -
     "thinking"  sample["question"] (or a str "prompt"): the numbers steps may start from;
                 option reference_steps=True: coverage of sample["reasoning"], the task's solution
-    "countdown" sample["numbers"], sample["target"]    None when either is missing
     """
     if name == "accuracy":
         if options:
@@ -632,14 +582,9 @@ def sample_reward(name: str, **options: Any) -> RewardFn:
             steps = sample.get("reasoning") if reference else None
             return thinking_reward(completion, question=question if isinstance(question, str) else None,
                                    steps=steps if isinstance(steps, str) else None, **options)
-    elif name == "countdown":
-        def reward(completion: str, sample: Mapping[str, Any]) -> float | None:
-            if sample.get("numbers") is None or sample.get("target") is None:
-                return None
-            return countdown_reward(completion, sample["numbers"], sample["target"], **options)
     else:
         raise ValueError(f'sample_reward: unknown reward {name!r}; '
-                         'expected "accuracy", "format", "thinking" or "countdown"')
+                         'expected "accuracy", "format" or "thinking"')
     reward.__name__ = name
     return reward
 

@@ -1,4 +1,4 @@
-"""Safe arithmetic on model-written text, and the Countdown check built on it.
+"""Safe arithmetic on model-written text.
 
 Model output is never passed to `eval`. An expression is parsed with `ast` (mode="eval") and walked
 by a small interpreter that knows only:
@@ -11,18 +11,14 @@ else give None. Inputs are bounded before parsing (length, literal size, nesting
 expression can hang or exhaust memory: without powers the value of a 256-character expression has at
 most a few hundred digits. Arithmetic is exact (`fractions.Fraction`): 1/3 * 3 == 1, and 0.1 + 0.2 ==
 0.3 because decimal literals are read as exact decimals, not floats. Division by zero gives None.
-
-`reaches_target(expression, numbers, target)` is True when the expression uses each given number
-exactly once (or at most once with `use_all=False`) and equals the target. This module imports
-nothing from the package: `rewards.countdown_reward` builds the reward on it, not the other way round.
+This module imports nothing from the package: the rewards and the Countdown task's check
+(tasks/countdown.py) build on it, not the other way round.
 """
 
 from __future__ import annotations
 
 import ast
-import math
 import re
-from collections import Counter
 from fractions import Fraction
 from typing import Iterable
 
@@ -120,47 +116,6 @@ def safe_eval(expr: str) -> Fraction | None:
     """Exact value of an arithmetic expression (grammar in the module docstring), or None."""
     result = evaluate(expr)
     return None if result is None else result[0]
-
-
-def reaches_target(expression: str, numbers: Iterable[int | float | str], target: int | float | str,
-                   *, use_all: bool = True) -> bool:
-    """True if `expression` is an arithmetic expression over `numbers` whose value is `target`.
-
-    A trailing "= value" is allowed, but that value must equal the expression too. Each given number
-    may be used at most once; with `use_all=True` (the default, as in the Countdown-Tasks datasets)
-    every number must be used exactly once. Numbers are compared by value, so 3.0 counts as 3.
-    This is the Countdown check; `rewards.countdown_reward` applies it to a completion's answer.
-    """
-    if not isinstance(expression, str):
-        return False
-    expr, equals, claimed = normalize_operators(expression).partition("=")
-    result = evaluate(expr)
-    if result is None:
-        return False
-    value, used = result
-    if equals and (safe_eval(claimed) != value or "=" in claimed):
-        return False
-    given = Counter(_number(n) for n in numbers)
-    goal = _number(target)
-    if goal is None or None in given:
-        return False
-    used_counts = Counter(used)
-    if any(used_counts[n] > given[n] for n in used_counts):
-        return False
-    if use_all and used_counts != given:
-        return False
-    return value == goal
-
-
-def _number(x: int | float | str) -> Fraction | None:
-    """A given number or target as a Fraction; strings go through the same bounded parser."""
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, int):
-        return Fraction(x)
-    if isinstance(x, float):
-        return Fraction(str(x)) if math.isfinite(x) else None
-    return safe_eval(x) if isinstance(x, str) else None
 
 
 class _Reject(Exception):

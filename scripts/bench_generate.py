@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from benchmark import alternate_rounds, bench_config, best_time, decode_kernel_floor, matmul_peak_flops
+from benchmark import (alternate_rounds, bench_config, best_time, decode_kernel_floor, flops_per_token,
+                       matmul_peak_flops)
 from nanopost.plumbing.hf_io import save_model
 from nanopost.generate import generate
 from nanopost.model import Transformer
@@ -56,7 +57,7 @@ def main() -> None:
             sides["transformers"] = transformers_timer(model, prompts, args)
         times = alternate_rounds(sides, args.rounds)
         t_ours = min(times["nanopost"])
-        flops = n_tokens * model.flops_per_token(context=args.prompt_len + args.new // 2)
+        flops = n_tokens * flops_per_token(model, context=args.prompt_len + args.new // 2)
         floor = args.new * min(times["ceiling"])
         line = (f"{size:6s} nanopost {n_tokens / t_ours:9.0f} tok/s  "
                 f"({flops / t_ours / peak:5.1%} of matmul peak; kernel-only ceiling {n_tokens / floor:6.0f} tok/s, "

@@ -196,11 +196,21 @@ def _after_last_attention(model: Transformer) -> list[torch.nn.Linear]:
     return [last.self_attn.o_proj, last.mlp.gate_proj, last.mlp.up_proj, last.mlp.down_proj]
 
 
+def flops_per_token(model: Transformer, context: float = 0) -> float:
+    """Forward FLOPs per token: 2 per matmul weight, plus attention over `context` keys."""
+    cfg = model.config
+    matmul = model.num_params() - model.model.embed_tokens.weight.numel()
+    if cfg.tie_word_embeddings:
+        matmul += model.lm_head.weight.numel()
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
+    return 2.0 * matmul + attn
+
+
 def forward_flops(model: Transformer, lengths: Iterable[int]) -> float:
     """Model FLOPs of one forward pass over sequences of these lengths (in positions), each
     attending causally to itself: a position sees (n + 1) / 2 keys on average. Sampling with a KV
     cache costs the same, one position at a time."""
-    return sum(n * model.flops_per_token(context=(n + 1) / 2) for n in lengths)
+    return sum(n * flops_per_token(model, context=(n + 1) / 2) for n in lengths)
 
 
 def grpo_step_flops(model: Transformer, lengths: Iterable[int], *, reference: bool, passes: int = 1) -> float:

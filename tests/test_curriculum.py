@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanopost.plumbing.hf_io import load_model, load_tokenizer
-from nanopost.curriculum import CurriculumSampler, difficulty_from_pass_rate, Stage
+from nanopost.curriculum import CurriculumSampler, Stage
 from nanopost.tools.difficulty import (estimate_pass_rates, load_pass_rates, per_difficulty_table, save_pass_rates,
                                        write_report_table)
 from nanopost.plumbing.data_files import load_rl
@@ -123,7 +123,10 @@ def test_difficulty_filter_without_difficulties_is_an_error_unless_pass_rates_gi
     rates = {str(i): i / 9 for i in range(10)}  # difficulty 1 - p
     s = CurriculumSampler(records, total_steps=10, stages=[Stage(until=1.0, max_difficulty=0.5)], pass_rates=rates)
     assert sorted(s.pools[0]) == ["5", "6", "7", "8", "9"]
-    assert difficulty_from_pass_rate(0.25) == 0.75
+    assert s.difficulty == {str(i): 1.0 - i / 9 for i in range(10)}
+    with pytest.raises(ValueError, match=r"a pass rate must be in \[0, 1\], got 1.5"):
+        CurriculumSampler(records, total_steps=10, stages=[Stage(until=1.0, max_difficulty=0.5)],
+                          pass_rates={**rates, "3": 1.5})
 
 
 # ---------------------------------------------------------------- selection
@@ -192,8 +195,8 @@ def test_tracked_pass_rates_converge_to_the_true_rates():
     simulate(s, truth, steps=500, n=10)  # ~250 groups per prompt
     for key, p in truth.items():
         assert abs(s.successes[key] / s.tries[key] - p) < 0.05
-        assert abs(s.pass_rate(key) - p) < 0.25  # the EMA follows the recent groups (sd ~0.07)
-    errors = [abs(s.pass_rate(k) - p) for k, p in truth.items()]
+        assert abs(s.ema[key] - p) < 0.25  # the EMA follows the recent groups (sd ~0.07)
+    errors = [abs(s.ema[k] - p) for k, p in truth.items()]
     assert sum(errors) / len(errors) < 0.08
 
 

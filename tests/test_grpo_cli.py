@@ -10,7 +10,7 @@ import pytest
 from nanopost.plumbing.config import ConfigError, parse_config
 from nanopost.curriculum import Stage
 from nanopost.plumbing.metrics import read_metrics
-from nanopost.grpo_loop import GRPOConfig, train_grpo
+from nanopost.grpo_loop import GRPOConfig, RewardScorer, train_grpo
 from nanopost.plumbing.tokenizer import Tokenizer
 from tiny import larger_rl_records, larger_task, split_pairs, write_jsonl
 
@@ -105,11 +105,12 @@ def test_task_countdown_scores_any_expression_that_reaches_the_target(task, tmp_
     train = write_jsonl(COUNTDOWN[:1], tmp_path / "countdown.jsonl")
     lines = []
     cfg = GRPOConfig(model=task["model"], train=str(train), out=str(tmp_path / "run"), task="countdown", steps=1,
-                     prompts_per_step=1, group_size=2, max_new_tokens=4, eval_every=0)
+                     prompts_per_step=1, group_size=2, max_new_tokens=4, eval_every=0,
+                     rewards={"accuracy": 1.0, "format": 0.1, "countdown": 0.5})
     cfg.validate()
     train_grpo(cfg, log=lines.append)
     row = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"][0]
-    assert row["reward_accuracy_mean"] == 1.0
+    assert row["reward_accuracy_mean"] == 1.0 and row["reward_countdown_mean"] == 1.0
     assert any(line.startswith("reward accuracy: the countdown task's check") for line in lines)
 
 
@@ -123,6 +124,16 @@ def test_rewards_that_cannot_apply_to_the_task_are_refused(task, tmp_path):
     # --task countdown on records without the puzzle's numbers and target.
     assert "has no 'numbers', which --task countdown's check needs" in refused(
         grpo(task, tmp_path / "b", "--task", "countdown"))
+
+
+def test_rewards_countdown_is_the_tasks_check_where_a_record_has_the_puzzle():
+    # --rewards countdown without --task: records without numbers and target are not scored (None).
+    texts = ["<answer>2 + 3</answer>", "<answer>2 + 3</answer>", "<answer>2 * 3</answer>", "<answer>3 + 2</answer>"]
+    samples = [{"numbers": [2, 3], "target": 5}, {"answer": "5"}, {"numbers": [2, 3], "target": 5}, {"numbers": [2, 3]}]
+    total, per = RewardScorer({"countdown": 1.0})(texts, samples, 1)
+    assert per["countdown"] == [1.0, None, 0.0, None] and total.tolist() == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match='unknown reward .length.; expected .*"countdown"'):
+        RewardScorer({"length": 1.0})
 
 
 # ---------------------------------------------------------------- 3. the user's reward functions

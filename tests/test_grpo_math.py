@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from nanopost import grpo
-from nanopost.grpo import (
-    entropy_from_logits,
-    group_advantages,
-    kl_penalty,
-    masked_mean,
-    masked_sum,
-    policy_loss,
-    token_logprobs,
-    token_logprobs_and_entropy,
-)
+from nanopost.grpo import group_advantages, kl_penalty, masked_mean, masked_sum, policy_loss
+from nanopost.model import Logprobs, ModelConfig, Transformer, token_logprobs
 
 LN2 = math.log(2.0)
 
@@ -427,7 +419,7 @@ def test_masked_reductions():
 
 
 # --------------------------------------------------------------------------------------------
-# Log-probs and entropy from logits
+# Log-probs and entropy from logits: the formula the model applies (nanopost/model.py)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
@@ -463,31 +455,42 @@ def test_token_logprobs_returns_float32_for_bf16_logits():
     close(got, want, atol=1e-5)
 
 
+def entropy(logits, temperature=1.0):
+    """The entropy token_logprobs returns beside the log-probs (the targets do not change it)."""
+    return token_logprobs(logits, torch.zeros(logits.shape[:-1], dtype=torch.long), temperature, True)[1]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_entropy_matches_direct_computation(temperature):
     logits, _, _, _ = _random_batch(8, n=3, length=5, vocab=11)
     p = torch.softmax(logits / temperature, -1)
-    close(entropy_from_logits(logits, temperature), -(p * torch.log(p)).sum(-1), atol=1e-12)
+    close(entropy(logits, temperature), -(p * torch.log(p)).sum(-1), atol=1e-12)
     # a uniform distribution over 11 words has entropy ln 11
-    close(entropy_from_logits(torch.zeros(1, 1, 11)), [[math.log(11)]], atol=1e-6)
+    close(entropy(torch.zeros(1, 1, 11)), [[math.log(11)]], atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions(temperature):
+def test_logprobs_with_entropy_in_one_pass_equal_the_logprobs_alone(temperature):
     logits, tokens, _, _ = _random_batch(9, n=3, length=5, vocab=11)
     logits.requires_grad_()
-    logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
+    logp, ent = token_logprobs(logits, tokens, temperature, with_entropy=True)
     close(logp, token_logprobs(logits, tokens, temperature), atol=1e-12)
-    close(entropy, entropy_from_logits(logits.detach(), temperature), atol=1e-12)
-    assert not entropy.requires_grad
+    p = torch.softmax(logits.detach() / temperature, -1)
+    close(ent, -(p * torch.log(p)).sum(-1), atol=1e-12)
+    assert not ent.requires_grad
     weights = torch.randn(3, 5, dtype=torch.float64)
     (g_got,) = torch.autograd.grad((logp * weights).sum(), logits)
     want = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     (g_want,) = torch.autograd.grad((want * weights).sum(), logits)
     close(g_got, g_want, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda z: token_logprobs_and_entropy(z, tokens, temperature)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda z: token_logprobs(z, tokens, temperature, with_entropy=True)[0], (logits,))
 
 
-def test_temperature_zero_is_rejected():
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_temperature_zero_is_rejected(impl):
+    model = Transformer(ModelConfig(vocab_size=5, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1))
+    model.impl = impl
+    ids = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="temperature"):
-        token_logprobs(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long), 0.0)
+        model(Logprobs(ids, ids, temperature=0.0))

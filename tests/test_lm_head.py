@@ -11,7 +11,7 @@ from nanopost.data import Example, pack_examples
 from nanopost.grpo import policy_loss
 from nanopost.fast.lm_head import head_logprobs
 from nanopost.grpo_loop import sequence_logprobs
-from nanopost.model import Logprobs
+from nanopost.model import Logprobs, token_logprobs
 from nanopost.sft_loop import accumulate_gradients
 
 CPU = torch.device("cpu")
@@ -35,6 +35,15 @@ def plain(h, w, tokens, temperature):
     """The composite spelled out: logits, log-softmax, gather."""
     log_probs = torch.log_softmax((h @ w.T) / temperature, dim=-1)
     return log_probs.gather(-1, tokens[..., None])[..., 0], -(log_probs.exp() * log_probs).sum(-1)
+
+
+def head(h, w, tokens, temperature=1.0, with_entropy=False, chunked=True):
+    """The chunked head, or (chunked=False) the model's plain head: the logits whole, then
+    token_logprobs, as the reference forward computes them."""
+    if chunked:
+        return head_logprobs(h, w, tokens, temperature, with_entropy=with_entropy)
+    out = token_logprobs(torch.nn.functional.linear(h, w), tokens, temperature, with_entropy)
+    return out if with_entropy else (out, None)
 
 
 def inputs(n, vocab, dim=8, seed=0, dtype=torch.float64):
@@ -79,10 +88,12 @@ def test_any_leading_shape_and_gradient_for_one_input_only(small_tiles):
     assert w.grad is not None and h.grad is None
 
 
-def test_reference_switch_is_the_plain_composite():
+def test_the_plain_head_is_the_plain_composite():
     h, w, tokens, _ = inputs(5, 7)
-    got = head_logprobs(h, w, tokens, 0.9, chunked=False)[0]
-    torch.testing.assert_close(got, plain(h, w, tokens, 0.9)[0], rtol=0, atol=1e-12)
+    got, entropy = head(h, w, tokens, 0.9, with_entropy=True, chunked=False)
+    want, want_entropy = plain(h, w, tokens, 0.9)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, want_entropy.detach(), rtol=0, atol=1e-12)
 
 
 def test_bf16_autocast_matches_the_plain_head_and_returns_float32(small_tiles):
@@ -91,7 +102,7 @@ def test_bf16_autocast_matches_the_plain_head_and_returns_float32(small_tiles):
     def run(chunked, autocast=True):
         h.grad = w.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logp, entropy = head_logprobs(h, w, tokens, 0.7, with_entropy=True, chunked=chunked)
+            logp, entropy = head(h, w, tokens, 0.7, with_entropy=True, chunked=chunked)
         (logp * upstream).sum().backward()
         return logp, entropy, h.grad.clone(), w.grad.clone()
 
@@ -113,7 +124,7 @@ def test_logits_are_never_saved_for_the_backward(monkeypatch):
         use_small_tiles(monkeypatch)
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-            head_logprobs(h, w, tokens, 0.7, chunked=chunked)[0].sum().backward()
+            head(h, w, tokens, 0.7, chunked=chunked)[0].sum().backward()
         saved[chunked] = max(sizes)
     assert saved[False] >= n * vocab  # the reference keeps its logits
     assert saved[True] == w.numel()  # the chunked head keeps the weight, hidden states and one float per row

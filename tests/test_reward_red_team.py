@@ -11,8 +11,8 @@ import math
 import pytest
 
 from demo import REWARDS as DEMO_REWARDS, THINKING as DEMO_THINKING
-from nanopost.rewards import (accuracy_reward, combine_rewards, countdown_reward, format_reward,
-                              sample_reward, thinking_reward)
+from nanopost.rewards import accuracy_reward, combine_rewards, format_reward, sample_reward, thinking_reward
+from nanopost.tasks.countdown import countdown_reward
 
 QUESTION, ANSWER = "3 + 4 * 2", "11"
 HONEST = "<think>4 * 2 = 8\n3 + 8 = 11</think><answer>11</answer>"

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from nanopost.rewards import (accuracy_reward, anneal_weight, answers_match, arithmetic_step_score,
-                              combine_rewards, countdown_reward, extract_answer, format_reward,
-                              parse_number, sample_reward, thinking_reward)
+from nanopost.rewards import (_equations, accuracy_reward, answers_match, combine_rewards, extract_answer,
+                              format_reward, parse_number, sample_reward, thinking_reward)
+from nanopost.tasks.countdown import countdown_reward
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
             "in May. How many clips did Natalia sell altogether in April and May?")
@@ -288,6 +288,12 @@ def test_thinking_reward_arithmetic_part_prefers_correct_steps():
 
 # ------------------------------------------------------------------------------ arithmetic steps
 
+def true_share(text):
+    """Share of the equations thinking_reward finds in `text` that are true; None if it finds none."""
+    steps = _equations(text)
+    return sum(step[0] for step in steps) / len(steps) if steps else None
+
+
 @pytest.mark.parametrize("text, score", [
     ("48 / 2 = 24", 1.0),
     ("48 / 2 = 25", 0.0),
@@ -303,44 +309,26 @@ def test_thinking_reward_arithmetic_part_prefers_correct_steps():
     ("Step 1. 2 * 3 = 6", 1.0),                          # a list number before the equation
     ("(2 + 3) * 4 = 20", 1.0),
 ])
-def test_arithmetic_step_score_checks_each_equation(text, score):
-    assert arithmetic_step_score(text) == score
+def test_each_equation_is_checked(text, score):
+    assert true_share(text) == score
 
 
 @pytest.mark.parametrize("text", [
     "no equations here", "x = 5", "5 = 5", "a = b", "2**10 = 1024", "9**9**9 = 1", "1 / 0 = 1", "",
     "the ratio 3:4 = 0.75",
 ])
-def test_arithmetic_step_score_is_none_without_checkable_equations(text):
-    assert arithmetic_step_score(text) is None
+def test_no_checkable_equation_is_found(text):
+    assert _equations(text) == []
 
 
-def test_arithmetic_step_score_checks_the_final_answer_follows_from_the_last_step():
+def test_the_final_answer_must_follow_from_the_last_step():
     text = "48 / 2 = 24 and 48 + 24 = 72"
-    assert arithmetic_step_score(text, "72") == 1.0
-    assert arithmetic_step_score(text, "$72.00") == 1.0
-    assert arithmetic_step_score(text, "24") == 0.5          # an intermediate value is not the answer
-    assert arithmetic_step_score("48 + 24 = 70", "70") == 0.5
-    assert arithmetic_step_score(text, None) == 1.0
-
-
-# ---------------------------------------------------------------------------------------- anneal
-
-def test_anneal_weight_linear_and_cosine_are_clamped():
-    assert anneal_weight(0, 100, 1.0, 0.0) == 1.0
-    assert anneal_weight(50, 100, 1.0, 0.0) == 0.5
-    assert anneal_weight(100, 100, 1.0, 0.0) == 0.0
-    assert anneal_weight(500, 100, 1.0, 0.0) == 0.0
-    assert anneal_weight(-5, 100, 1.0, 0.0) == 1.0
-    assert anneal_weight(50, 100, 1.0, 0.0, kind="cosine") == pytest.approx(0.5)
-    assert anneal_weight(10, 100, 1.0, 0.0, kind="cosine") > anneal_weight(10, 100, 1.0, 0.0)
-    assert anneal_weight(1000, 100, 0.2, 0.8, kind="cosine") == pytest.approx(0.8)
-    assert anneal_weight(3, 0, 1.0, 0.0) == 0.0
-
-
-def test_anneal_weight_rejects_an_unknown_kind():
-    with pytest.raises(ValueError, match="kind"):
-        anneal_weight(1, 10, 1.0, 0.0, kind="exp")
+    assert _equations(text)[-1][2] == 72
+    think = f"<think>{text}</think><answer>{{}}</answer>"
+    assert thinking_reward(think.format("72")) == 1.0
+    assert thinking_reward(think.format("$72.00")) == 1.0
+    assert thinking_reward(think.format("24")) == 0.25            # an intermediate value is not the answer
+    assert thinking_reward("<think>48 + 24 = 70</think><answer>70</answer>") == 0.0  # a false step pays nothing
 
 
 # ------------------------------------------------------------------------------------- combining
@@ -406,13 +394,11 @@ def test_combine_rejects_bad_input_with_a_clear_message(kwargs, message):
 
 def test_sample_rewards_read_their_fields_from_the_sample():
     accuracy, fmt = sample_reward("accuracy"), sample_reward("format", partial=True)
-    thinking, countdown = sample_reward("thinking"), sample_reward("countdown")
+    thinking = sample_reward("thinking")
     assert accuracy(GOOD, {"answer": "72"}) == 1.0
     assert accuracy(GOOD, {}) is None
     assert fmt("<answer>1</answer>", {}) == 0.25
     assert thinking(f"<think>{QUESTION}</think><answer>72</answer>", {"question": QUESTION}) == 0.0
-    assert countdown("<answer>2 + 3</answer>", {"numbers": [2, 3], "target": 5}) == 1.0
-    assert countdown("<answer>2 + 3</answer>", {"answer": "5"}) is None
     total, per = combine_rewards([GOOD], [{"answer": "72"}], [("accuracy", accuracy, 1.0),
                                                              ("format", fmt, 0.5)])
     assert total == [1.5] and per == {"accuracy": [1.0], "format": [1.0]}
@@ -421,6 +407,8 @@ def test_sample_rewards_read_their_fields_from_the_sample():
 def test_sample_reward_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match="unknown reward"):
         sample_reward("length")
+    with pytest.raises(ValueError, match="unknown reward"):  # the Countdown task's check is the task's
+        sample_reward("countdown")
     with pytest.raises(TypeError, match="no options"):
         sample_reward("accuracy", partial=True)
 
@@ -434,7 +422,7 @@ REWARDS = {  # name -> (fn of one string, lowest value, highest value)
     "format_opened": (lambda s: format_reward(s, prompt_opens_think=True), 0.0, 1.0),
     "thinking": (lambda s: thinking_reward(s, question=s, arithmetic_weight=0.5), 0.0, 1.0),
     "thinking_opened": (lambda s: thinking_reward(s, prompt_opens_think=True), 0.0, 1.0),
-    "arithmetic": (lambda s: arithmetic_step_score(s, s) or 0.0, 0.0, 1.0),
+    "equations": (lambda s: true_share(s) or 0.0, 0.0, 1.0),
     "countdown": (lambda s: countdown_reward(s, [44, 19, 35, 5], 175), 0.0, 1.0),
     "match": (lambda s: float(answers_match(s, s)), 0.0, 1.0),
     "extract": (lambda s: float(extract_answer(s) is not None), 0.0, 1.0),
@@ -511,7 +499,6 @@ def test_rewards_of_non_strings_are_zero():
         assert format_reward(value) == 0.0
         assert thinking_reward(value) == 0.0
         assert countdown_reward(value, [1, 2], 3) == 0.0
-        assert arithmetic_step_score(value) is None
 
 
 class _BatchScorer:

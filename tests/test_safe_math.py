@@ -1,5 +1,5 @@
-"""safe_math: exact, bounded arithmetic on model text, the Countdown check, and the Countdown reward
-built on it (rewards.countdown_reward)."""
+"""safe_math: exact, bounded arithmetic on model text; and the Countdown check and reward built on it
+(tasks/countdown.py: reaches_target, countdown_reward)."""
 
 import random
 import time
@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from nanopost.rewards import countdown_reward
-from nanopost.safe_math import applies_identity, evaluate, normalize_operators, reaches_target, safe_eval
+from nanopost.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
+from nanopost.tasks.countdown import countdown_reward, reaches_target
 
 
 @pytest.mark.parametrize("expr, value", [

@@ -73,6 +73,26 @@ def test_anneal_endpoints_and_midpoints():
     assert anneal(3, 0, 1.0, 3.0, "linear") == 3.0  # a zero-length schedule is already at its end
 
 
+def test_anneal_is_clamped_and_cosine_is_slow_at_both_ends():
+    assert anneal(0, 100, 1.0, 0.0) == 1.0
+    assert anneal(50, 100, 1.0, 0.0) == 0.5
+    assert anneal(100, 100, 1.0, 0.0) == 0.0
+    assert anneal(500, 100, 1.0, 0.0) == 0.0
+    assert anneal(-5, 100, 1.0, 0.0) == 1.0
+    assert anneal(50, 100, 1.0, 0.0, kind="cosine") == pytest.approx(0.5)
+    assert anneal(10, 100, 1.0, 0.0, kind="cosine") > anneal(10, 100, 1.0, 0.0)
+    assert anneal(1000, 100, 0.2, 0.8, kind="cosine") == pytest.approx(0.8)
+    assert anneal(3, 0, 1.0, 0.0) == 0.0
+    assert anneal(30, 100, 0.7, 0.1, kind="constant") == 0.7
+
+
+def test_anneal_rejects_an_unknown_kind_and_a_negative_length():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        anneal(1, 10, 1.0, 0.0, kind="exp")
+    with pytest.raises(ValueError, match="total_steps must be >= 0"):
+        anneal(1, -10, 1.0, 0.0)
+
+
 def test_temperature_constant_linear_cosine():
     assert temperature_at(50, 100) == 1.0
     assert temperature_at(50, 100, kind="constant", start=0.7, end=0.1) == 0.7

@@ -49,13 +49,13 @@ _BACKWARD_TILE_ELEMENTS = 1 << 23
 
 
 def head_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float = 1.0,
-                  with_entropy: bool = False, chunked: bool = True) -> tuple[Tensor, Tensor | None]:
+                  with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log softmax(hidden @ weight.T / temperature) at `tokens`, and the entropy if asked.
 
     hidden [..., d], weight [V, d], tokens [...] (ids < V). Returns (logp [...], entropy [...] or
     None) in float32 (float64 for float64 inputs); logp is differentiable with respect to hidden
-    and weight, the entropy is monitored and carries no gradient. chunked=False is the reference:
-    the plain composite above, holding the logits whole.
+    and weight, the entropy is monitored and carries no gradient. The plain composite, holding
+    the logits whole, is `token_logprobs(linear(hidden, weight), ...)` in nanopost/model.py.
     """
     if temperature <= 0:
         raise ValueError(f"head_logprobs: temperature must be > 0, got {temperature}")
@@ -64,24 +64,9 @@ def head_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: f
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(tokens.shape)}")
     shape = tokens.shape
     h, t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1).long()
-    if not chunked:
-        logp, entropy = _reference(h, weight, t, float(temperature), with_entropy)
-    else:
-        mm_dtype = _matmul_dtype(hidden, weight)
-        logp, entropy = _ChunkedHeadLogprobs.apply(h, weight, t, float(temperature), with_entropy, mm_dtype)
+    mm_dtype = _matmul_dtype(hidden, weight)
+    logp, entropy = _ChunkedHeadLogprobs.apply(h, weight, t, float(temperature), with_entropy, mm_dtype)
     return logp.view(shape), (entropy.view(shape) if with_entropy else None)
-
-
-def _reference(h: Tensor, weight: Tensor, tokens: Tensor, temperature: float, with_entropy: bool):
-    out = _out_dtype(h, weight)
-    logits = torch.nn.functional.linear(h, weight).to(out) / temperature  # [n, V]
-    log_probs = torch.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, tokens[:, None])[:, 0]
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return logp, entropy
 
 
 def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:

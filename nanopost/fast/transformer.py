@@ -139,8 +139,8 @@ def select(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 # Attention over short sequences on the CPU materialises its scores: the flash kernel's tiling
-# and bookkeeping then cost more than they save (slower at a few hundred positions, faster
-# beyond; docs/BENCHMARKS.md), and the scores are small.
+# and bookkeeping then cost more than they save, since they pay off only over long sequences
+# (docs/BENCHMARKS.md), and the scores are small.
 SCORES_PER_HEAD = 1 << 15  # query x key positions
 SCORES_TOTAL = 1 << 24  # elements of the whole [B, H, T, S] score tensor
 

@@ -102,8 +102,8 @@ def release_memory_in_backward(model: Transformer, device: torch.device) -> list
     with what the forward and the passes before it (the sampler's, the reference model's) left;
     where it reaches the input embedding, every layer's activations are freed, and the
     embedding's gradient, a dense [vocabulary × hidden] tensor, is about to be allocated. Without
-    this, a step's resident peak holds those freed pages and every gradient at once: several
-    hundred MiB more with a real vocabulary.
+    this, a step's resident peak holds those freed pages and every gradient at once, and both grow
+    with the vocabulary (the head's tiles, the embedding's gradient).
     """
     def release(grad):
         release_freed_memory(device)

@@ -10,7 +10,7 @@ numbers, built by combining two of the remaining values at a time, as a player w
 game every intermediate result is a positive integer (no zero, no fractions), and the target is
 at most MAX_TARGET. The reference solution is that construction: one equation per step as the
 reasoning, the whole expression, with only the parentheses it needs, as the answer. Any other
-expression that reaches the target scores as well (rewards.countdown_reward).
+expression that reaches the target scores as well (`countdown_reward`, the task's check, below).
 
 Difficulty is a level 1..4: how many numbers, then how large the largest of them is. The level is
 a property of the puzzle, so no puzzle belongs to two levels.
@@ -25,9 +25,14 @@ puzzle listed in another order is still the same puzzle (see nanopost.tasks.base
 
 from __future__ import annotations
 
+import math
 import random
+from collections import Counter
+from fractions import Fraction
+from typing import Iterable, Sequence
 
-from nanopost.rewards import countdown_reward
+from nanopost.rewards import extract_answer
+from nanopost.safe_math import evaluate, normalize_operators, safe_eval
 from nanopost.tasks.base import GeneratedTask
 
 # level -> (how many numbers, the range of the largest one)
@@ -48,7 +53,9 @@ class CountdownTask(GeneratedTask):
 
     def generate(self, rng: random.Random, level: int) -> dict:
         count, largest = LEVELS[level]
-        while True:  # 92%, 52%, 79%, 37% of tries succeed at levels 1..4
+        # A try fails when the largest number drawn is outside the level's range or the random
+        # solution overshoots MAX_TARGET: more numbers, and larger ones, overshoot more often.
+        while True:
             numbers = [rng.randint(1, largest[-1]) for _ in range(count)]
             if max(numbers) not in largest:
                 continue
@@ -70,6 +77,66 @@ class CountdownTask(GeneratedTask):
 
     def check(self, completion: str, record: dict) -> float:
         return countdown_reward(completion, record["numbers"], record["target"])
+
+
+# ---------------------------------------------------------------- the check
+
+
+def countdown_reward(completion: str, numbers: Sequence[int | float | str], target: int | float | str,
+                     *, use_all: bool = True) -> float:
+    """1.0 if the completion's answer is an expression over `numbers` that equals `target`, else 0.0.
+
+    The answer is `rewards.extract_answer(completion)` (so `<answer>(44 - 19) * 35 / 5</answer>`),
+    checked by `reaches_target`: each number used at most once, every one of them with `use_all=True`
+    (the default), and a trailing "= value" must be right too. Formatting is scored separately
+    (format_reward); this reward is correctness only.
+    """
+    answer = extract_answer(completion) if isinstance(completion, str) else None
+    return 1.0 if answer is not None and reaches_target(answer, numbers, target, use_all=use_all) else 0.0
+
+
+def reaches_target(expression: str, numbers: Iterable[int | float | str], target: int | float | str,
+                   *, use_all: bool = True) -> bool:
+    """True if `expression` is an arithmetic expression over `numbers` whose value is `target`.
+
+    A trailing "= value" is allowed, but that value must equal the expression too. Each given number
+    may be used at most once; with `use_all=True` (the default, as in the Countdown-Tasks datasets)
+    every number must be used exactly once. Numbers are compared by value, so 3.0 counts as 3.
+    `countdown_reward` applies it to a completion's answer.
+    """
+    if not isinstance(expression, str):
+        return False
+    expr, equals, claimed = normalize_operators(expression).partition("=")
+    result = evaluate(expr)
+    if result is None:
+        return False
+    value, used = result
+    if equals and (safe_eval(claimed) != value or "=" in claimed):
+        return False
+    given = Counter(_number(n) for n in numbers)
+    goal = _number(target)
+    if goal is None or None in given:
+        return False
+    used_counts = Counter(used)
+    if any(used_counts[n] > given[n] for n in used_counts):
+        return False
+    if use_all and used_counts != given:
+        return False
+    return value == goal
+
+
+def _number(x: int | float | str) -> Fraction | None:
+    """A given number or target as a Fraction; strings go through the same bounded parser."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return Fraction(x)
+    if isinstance(x, float):
+        return Fraction(str(x)) if math.isfinite(x) else None
+    return safe_eval(x) if isinstance(x, str) else None
+
+
+# ---------------------------------------------------------------- the reference solution
 
 
 def _random_solution(rng: random.Random, numbers: list[int]) -> tuple[int, str, list[str]]:
