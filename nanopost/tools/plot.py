@@ -124,8 +124,8 @@ def samples_seen(rows: Sequence[Mapping[str, Any]], steps: np.ndarray) -> np.nda
     per_step = {float(r.get("step", 0)): float(r["samples"]) for r in rows
                 if r.get("kind") == "train" and _is_number(r.get("samples"))}
     if not per_step:
-        raise ValueError("these metrics have no 'samples' column (runs logged before it was added): "
-                         "plot them by step or minutes")
+        raise ValueError("metrics.jsonl has no 'samples' column (a run logged before it was added): "
+                         "plot it by step or minutes")
     logged = np.array(sorted(per_step))
     total = np.concatenate([[0.0], np.cumsum([per_step[s] for s in logged])])
     return total[np.searchsorted(logged, steps, side="right")]
@@ -204,9 +204,11 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     Figure = require_matplotlib()
     runs = load_runs(run_dirs)
     for d, rows in zip(run_dirs, runs.values()):
-        if x == "samples" and not any(r.get("kind") == "train" and _is_number(r.get("samples")) for r in rows):
-            raise ValueError(f"{d}: metrics.jsonl has no 'samples' column (a run logged before it was added): "
-                             "plot it by step or minutes")
+        if x == "samples":
+            try:
+                samples_seen(rows, np.array([]))
+            except ValueError as e:
+                raise ValueError(f"{d}: {e}") from None
     grouped = group_runs(list(runs), groups)
     all_rows = [r for rows in runs.values() for r in rows]
     panels = []
