@@ -1,6 +1,9 @@
-"""n-shot bias: prompts enumerated, copy rate and calibration computed right, a model scores labels."""
+"""n-shot bias: exemplars balanced and shuffled, prompts enumerated, copy rate and calibration
+computed right, a model scores labels."""
 
 import json
+import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ from nanopost.data import tokenize_prompt
 from nanopost.prompts import PromptTemplate
 from nanopost.rewards import extract_answer
 from nanopost.tools.shots import (ModelScorer, ShotsConfig, calibrate, evaluate_shots, messages_for, run_shots,
-                            sentiment_task, shot_prompts)
+                                  select_exemplars, sentiment_task, shot_prompts)
 from tiny import make_checkpoint, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +54,59 @@ def test_prompts_cover_every_label_combination_and_order():
     assert mixed[0].set_id == mixed[1].set_id and mixed[0].exemplars == mixed[1].exemplars[::-1]
     with pytest.raises(ValueError, match="needs more exemplars"):
         shot_prompts(POOL, shots=(3,))
+
+
+EVEN = [
+    {"question": f"Is {n} even?", "answer": "yes" if n % 2 == 0 else "no", "label": "yes" if n % 2 == 0 else "no"}
+    for n in (2, 4, 6, 8, 10, 3, 5)
+]  # five "yes", two "no": a majority a plain draw would pass on
+
+
+def questions(exemplars) -> tuple[str, ...]:
+    return tuple(e["question"] for e in exemplars)
+
+
+def test_plain_selection_is_the_template_draw():
+    for seed in range(5):
+        template = PromptTemplate(instruction="x", reasoning=False, exemplars=EVEN, n_shot=3, seed=seed)
+        assert select_exemplars(EVEN, 3, rng=random.Random(seed)) == template.select_exemplars()
+
+
+def test_balance_labels_gives_equal_counts_interleaved():
+    for seed in range(5):
+        labels = [e["label"] for e in select_exemplars(EVEN, 4, balance_labels=True, rng=random.Random(seed))]
+        assert Counter(labels) == {"yes": 2, "no": 2}
+        assert labels == ["yes", "no", "yes", "no"]  # labels in order of first appearance, alternating
+
+
+def test_shuffle_changes_order_deterministically_with_the_seed():
+    def shown(seed=0, shuffle=True, rng=None):
+        return questions(select_exemplars(EVEN, 7, shuffle=shuffle, rng=rng or random.Random(seed)))
+
+    assert shown(0, shuffle=False) == questions(EVEN)
+    orders = [shown(seed) for seed in range(6)]
+    assert orders == [shown(seed) for seed in range(6)]
+    assert len(set(orders)) > 1
+    assert all(sorted(o) == sorted(questions(EVEN)) for o in orders)
+    # With one rng over several calls, each call draws a new order; the same rng seed repeats the sequence.
+    rng_a, rng_b = random.Random(1), random.Random(1)
+    calls = [shown(rng=rng_a) for _ in range(4)]
+    assert calls == [shown(rng=rng_b) for _ in range(4)]
+    assert len(set(calls)) > 1
+
+
+@pytest.mark.parametrize(
+    "pool, n_shot, message",
+    [
+        (EVEN, 3, "n_shot divisible by the number of labels"),
+        (EVEN, 6, r"needs 3 exemplars per label; the pool has only \{'no': 2\}"),
+        ([{"question": "q", "answer": "a"}], 1, r"exemplars\[0\] has no 'label'"),
+        (EVEN[:2], 3, "n_shot=3 but the exemplar pool has only 2"),
+    ],
+)
+def test_impossible_balance_is_rejected_with_the_reason(pool, n_shot, message):
+    with pytest.raises(ValueError, match=message):
+        select_exemplars(pool, n_shot, balance_labels=True, rng=random.Random(0))
 
 
 def test_copy_rate_order_std_and_calibration_by_hand():

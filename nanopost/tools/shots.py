@@ -21,6 +21,9 @@ Contextual calibration: the same prompt with a content-free question ("N/A") giv
 prior over labels, p_cf (averaged over the content-free strings). Each answer's probabilities
 are divided by p_cf and renormalised, which has the same argmax as the paper's
 softmax(diag(p_cf)^-1 p) and removes the prior the exemplars put in.
+
+`select_exemplars` picks the exemplars of one few-shot prompt with the two usual remedies for
+these biases: equal counts per label, interleaved, and a shuffled order.
 """
 
 from __future__ import annotations
@@ -126,6 +129,46 @@ def shot_prompts(pool: Sequence[dict], shots: Sequence[int], draws: int = 1, see
                 out += [ShotPrompt(tuple(index[i] for i in order), set_id) for order in orders]
                 set_id += 1
     return out
+
+
+def select_exemplars(exemplars: Sequence[dict], n_shot: int, *, balance_labels: bool = False, shuffle: bool = False,
+                     rng: random.Random) -> list[dict]:
+    """The n_shot exemplars for one prompt, in the order shown, with the two remedies for n-shot bias.
+
+    Plain: a sample kept in pool order, the draw `PromptTemplate.select_exemplars` makes with the same
+    rng. balance_labels: n_shot / (number of labels) per label, interleaved label by label (labels in
+    order of first appearance in the pool), so neither a majority nor the last position favours a
+    label. shuffle: the chosen ones in random order.
+    """
+    if balance_labels:
+        unlabelled = [i for i, e in enumerate(exemplars) if "label" not in e]
+        if unlabelled:
+            raise ValueError(f"exemplars[{unlabelled[0]}] has no 'label', which balance_labels=True needs")
+    if n_shot > len(exemplars):
+        raise ValueError(f"n_shot={n_shot} but the exemplar pool has only {len(exemplars)}")
+    if n_shot == 0:
+        return []
+    chosen = _balanced(exemplars, n_shot, rng) if balance_labels else sorted(rng.sample(range(len(exemplars)), n_shot))
+    if shuffle:
+        rng.shuffle(chosen)
+    return [exemplars[i] for i in chosen]
+
+
+def _balanced(exemplars: Sequence[dict], n_shot: int, rng: random.Random) -> list[int]:
+    """Pool indices, n_shot / (number of labels) per label, interleaved; ValueError when the pool cannot give that."""
+    per_label: dict[object, list[int]] = {}
+    for i, e in enumerate(exemplars):
+        per_label.setdefault(e["label"], []).append(i)
+    if n_shot % len(per_label):
+        raise ValueError(f"balance_labels needs n_shot divisible by the number of labels; "
+                         f"n_shot={n_shot}, labels {list(per_label)}")
+    k = n_shot // len(per_label)
+    short = {label: len(idx) for label, idx in per_label.items() if len(idx) < k}
+    if short:
+        raise ValueError(f"balance_labels with n_shot={n_shot} needs {k} exemplars per label; "
+                         f"the pool has only {short}")
+    drawn = [sorted(rng.sample(idx, k)) for idx in per_label.values()]
+    return [drawn[j][i] for i in range(k) for j in range(len(drawn))]
 
 
 def messages_for(template: PromptTemplate, exemplars: Sequence[dict], question: str) -> list[dict]:
