@@ -7,7 +7,6 @@ ids and a checker for the completions, so SFT, GRPO and any task share one defin
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -16,6 +15,7 @@ import torch
 
 from .generate import generate
 from .plumbing.distributed import Dist, shard
+from .plumbing.metrics import progress_lines
 from .plumbing.tokenizer import Tokenizer
 from .rewards import accuracy_reward
 
@@ -68,22 +68,6 @@ def completions(
         if progress is not None:
             progress(len(texts))
     return texts
-
-
-def progress_lines(log: Callable[[str], None] | None, what: str, total: int, every_s: float):
-    """A `completions` progress callback that logs "eval: 64/200 prompts" at most every `every_s`
-    seconds (none when the pass is quicker), or None without a log."""
-    if log is None:
-        return None
-    last = time.monotonic()
-
-    def report(done: int) -> None:
-        nonlocal last
-        if time.monotonic() - last >= every_s:
-            log(f"eval: {done}/{total} {what}")
-            last = time.monotonic()
-
-    return report
 
 
 def evaluate(

@@ -1,4 +1,4 @@
-"""metrics.jsonl, the run's record, and the one-line progress report printed while training.
+"""metrics.jsonl, the run's record, and the progress lines printed while training and evaluating.
 
 Each row of run_dir/metrics.jsonl is one JSON object with at least
     "kind"   what the row measures: "train" (one per step), "eval", or any other label
@@ -238,3 +238,19 @@ class Progress:
         parts.append(f"{format_duration(now - self.t0)} elapsed")
         parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
         return " | ".join(parts)
+
+
+def progress_lines(log: Callable[[str], None] | None, what: str, total: int, every_s: float):
+    """An `eval.completions` progress callback that logs "eval: 64/200 prompts" at most every `every_s`
+    seconds (none when the pass is quicker), or None without a log."""
+    if log is None:
+        return None
+    last = time.monotonic()
+
+    def report(done: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= every_s:
+            log(f"eval: {done}/{total} {what}")
+            last = time.monotonic()
+
+    return report
