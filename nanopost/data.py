@@ -217,10 +217,6 @@ class Batch:
         """Documents in the batch (each starts at position 0)."""
         return int(((self.positions == 0) & (self.segment_ids != PAD_SEGMENT)).sum().item())
 
-    @property
-    def num_padding(self) -> int:
-        return int((self.segment_ids == PAD_SEGMENT).sum().item())
-
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in self._tensors()))
 
@@ -326,9 +322,3 @@ def pack_examples(
     if shuffle_seed is not None:
         rng.shuffle(rows)
     return [_rows_to_batch(rows[s : s + rows_per_batch], pad_id) for s in range(0, len(rows), rows_per_batch)]
-
-
-def padding_fraction(batches: Sequence[Batch]) -> float:
-    """Share of all [B, T] positions that are padding: compute spent on nothing."""
-    total = sum(b.segment_ids.numel() for b in batches)
-    return sum(b.num_padding for b in batches) / total if total else 0.0

@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanopost.data import (Example, fit_examples, make_batch, pack_examples, PAD_SEGMENT, padding_fraction,
-                           tokenize_chat, tokenize_prompt)
+from nanopost.data import Example, fit_examples, make_batch, pack_examples, PAD_SEGMENT, tokenize_chat, tokenize_prompt
 from nanopost.plumbing.data_files import DataError, load_rl, load_sft, read_jsonl
 from nanopost.model import ModelConfig, Transformer
 from nanopost.plumbing.tokenizer import Tokenizer, train_bpe
@@ -364,6 +363,12 @@ def test_packed_rows_shift_each_document_and_pad_to_the_longest_row():
     assert b.segment_ids.tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, -1, -1, -1]]
     assert b.num_loss_tokens == 6
     assert b.num_examples == 3  # padding is not a document
+
+
+def padding_fraction(batches) -> float:
+    """Share of all [B, T] positions that are padding: compute spent on nothing."""
+    total = sum(b.segment_ids.numel() for b in batches)
+    return sum(int((b.segment_ids == PAD_SEGMENT).sum()) for b in batches) / total if total else 0.0
 
 
 def test_packing_wastes_far_less_than_padding_each_example():
