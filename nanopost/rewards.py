@@ -39,8 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 from nanopost.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
 
 __all__ = [
-    "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward",
-    "thinking_reward", "safe_eval",
+    "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward", "thinking_reward",
     "RewardFn", "sample_reward", "combine_rewards",
 ]
 
@@ -62,6 +61,8 @@ _HASHES = re.compile(r"####")
 _ANSWER_IS = re.compile(r"\banswer[ \t]+is[ \t]*:?", re.IGNORECASE)
 _ANSWER_LINE = re.compile(r"^[ \t]*(?:final[ \t]+answer|answer|a)[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _SENTENCE_END = re.compile(r"[.!?;,](?=\s|$)")  # "1,000" and "1.5" continue; ". " and ", " end
+# Markers 3-5 of the module docstring, in priority order: (marker, the answer ends with its sentence).
+_TAIL_MARKERS = ((_HASHES, False), (_ANSWER_IS, True), (_ANSWER_LINE, True))
 _BOX_OPEN = re.compile(r"\\boxed[ \t]*\{")
 _BRACES = re.compile(r"[{}]")
 
@@ -73,12 +74,13 @@ def extract_answer(text: str, *, answer_tags: tuple[str, str] = ANSWER_TAGS) -> 
     """
     if not isinstance(text, str):
         return None
-    for find in (lambda t: _from_tags(t, answer_tags), _last_boxed, _from_hashes, _from_answer_is,
-                 _from_answer_line):
-        found = find(text)
-        if found is not None:
-            return found.strip() or None
-    return None
+    found = _from_tags(text, answer_tags)
+    if found is None:
+        found = _last_boxed(text)
+    for marker, to_sentence_end in _TAIL_MARKERS:
+        if found is None:
+            found = _last_in_tail(marker, text, to_sentence_end)
+    return None if found is None else found.strip() or None
 
 
 def _from_tags(text: str, tags: tuple[str, str]) -> str | None:
@@ -104,8 +106,8 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def _last_in_tail(marker: re.Pattern, text: str) -> str | None:
-    """The rest of the line after the last `marker` in the tail of `text`."""
+def _last_in_tail(marker: re.Pattern, text: str, to_sentence_end: bool) -> str | None:
+    """The rest of the line after the last `marker` in the tail of `text`, or of its sentence."""
     tail = text[-_TAIL_CHARS:]
     last = None
     for last in marker.finditer(tail):
@@ -113,26 +115,9 @@ def _last_in_tail(marker: re.Pattern, text: str) -> str | None:
     if last is None:
         return None
     end = tail.find("\n", last.end())
-    return tail[last.end():end if end >= 0 else len(tail)]
-
-
-def _from_hashes(text: str) -> str | None:
-    return _last_in_tail(_HASHES, text)
-
-
-def _from_answer_is(text: str) -> str | None:
-    found = _last_in_tail(_ANSWER_IS, text)
-    return None if found is None else _clip_sentence(found)
-
-
-def _from_answer_line(text: str) -> str | None:
-    found = _last_in_tail(_ANSWER_LINE, text)
-    return None if found is None else _clip_sentence(found)
-
-
-def _clip_sentence(line: str) -> str:
-    end = _SENTENCE_END.search(line)
-    return line if end is None else line[:end.start()]
+    line = tail[last.end():end if end >= 0 else len(tail)]
+    stop = _SENTENCE_END.search(line) if to_sentence_end else None
+    return line if stop is None else line[:stop.start()]
 
 
 _WRAPPERS = (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"))
@@ -597,9 +582,9 @@ def combine_rewards(completions: Sequence[str], samples: Sequence[Mapping[str, A
 
     A function with a `score_batch(completions, samples)` method (a model reward) is called once
     for the whole batch; if it returns (scores, {member: scores}) (an ensemble), the members'
-    scores are logged too, as "name.member". `samples` holds one record per completion, or one per group of `group_size` consecutive
-    completions (the prompts of a GRPO batch). Returns (total per completion, raw values per
-    function name for logging; None where a function did not apply).
+    scores are logged too, as "name.member". `samples` holds one record per completion, or one per
+    group of `group_size` consecutive completions (the prompts of a GRPO batch). Returns (total per
+    completion, raw values per function name for logging; None where a function did not apply).
 
     mode="sum":            total = sum_k w_k * r_k, with None as 0. Group normalisation happens
                            afterwards, in grpo.group_advantages (the GRPO / TRL default).
