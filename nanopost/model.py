@@ -313,6 +313,8 @@ class Transformer(nn.Module):
     """Causal LM. Parameter names equal transformers' `*ForCausalLM` state-dict keys.
 
     impl: "fast" (the default) or "reference", see the module's docstring; set it at any time.
+    Each entry (hidden_states and the log-prob requests) checks its inputs first, then hands them
+    to nanopost/fast/transformer.py or computes them here: both paths refuse the same inputs.
 
     grad_checkpointing: when True, every forward that records gradients (training; never
     sampling, evaluation or no-grad passes) runs each block under torch.utils.checkpoint, so a
@@ -442,9 +444,9 @@ class Transformer(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, input_ids: torch.Tensor | Logprobs | PrefixLogprobs | NextTokenLogits, *, positions: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None):
+    def forward(self, input_ids: torch.Tensor | Logprobs | PrefixLogprobs | NextTokenLogits, *,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None):
         """Logits [B, T, vocab] for token ids [B, T] (or what a request type above asks for).
 
         positions      : [B, T] RoPE positions; default counts real tokens (per row) or 0..T-1.

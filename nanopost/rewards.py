@@ -39,8 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 from nanopost.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
 
 __all__ = [
-    "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward",
-    "thinking_reward", "safe_eval",
+    "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward", "thinking_reward",
     "RewardFn", "sample_reward", "combine_rewards",
 ]
 
@@ -54,6 +53,11 @@ _MAX_BOX_CHARS = 1_000      # how far to look for the closing brace of \boxed{
 
 # ------------------------------------------------------------------------------------------ answers
 
+def accuracy_reward(completion: str, answer: str | int | float) -> float:
+    """1.0 if the answer extracted from `completion` matches `answer` (see answers_match), else 0.0."""
+    return 1.0 if answers_match(extract_answer(completion), answer) else 0.0
+
+
 # Written-out markers are looked for only in the tail of the text: a regex scan costs time in
 # proportion to the text it reads, and an "answer" followed by pages of further text is not a
 # final answer anyway.
@@ -62,6 +66,8 @@ _HASHES = re.compile(r"####")
 _ANSWER_IS = re.compile(r"\banswer[ \t]+is[ \t]*:?", re.IGNORECASE)
 _ANSWER_LINE = re.compile(r"^[ \t]*(?:final[ \t]+answer|answer|a)[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _SENTENCE_END = re.compile(r"[.!?;,](?=\s|$)")  # "1,000" and "1.5" continue; ". " and ", " end
+# Markers 3-5 of the module docstring, in priority order: (marker, the answer ends with its sentence).
+_TAIL_MARKERS = ((_HASHES, False), (_ANSWER_IS, True), (_ANSWER_LINE, True))
 _BOX_OPEN = re.compile(r"\\boxed[ \t]*\{")
 _BRACES = re.compile(r"[{}]")
 
@@ -73,12 +79,13 @@ def extract_answer(text: str, *, answer_tags: tuple[str, str] = ANSWER_TAGS) -> 
     """
     if not isinstance(text, str):
         return None
-    for find in (lambda t: _from_tags(t, answer_tags), _last_boxed, _from_hashes, _from_answer_is,
-                 _from_answer_line):
-        found = find(text)
-        if found is not None:
-            return found.strip() or None
-    return None
+    found = _from_tags(text, answer_tags)
+    if found is None:
+        found = _last_boxed(text)
+    for marker, to_sentence_end in _TAIL_MARKERS:
+        if found is None:
+            found = _last_in_tail(marker, text, to_sentence_end)
+    return None if found is None else found.strip() or None
 
 
 def _from_tags(text: str, tags: tuple[str, str]) -> str | None:
@@ -104,8 +111,8 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def _last_in_tail(marker: re.Pattern, text: str) -> str | None:
-    """The rest of the line after the last `marker` in the tail of `text`."""
+def _last_in_tail(marker: re.Pattern, text: str, to_sentence_end: bool) -> str | None:
+    """The rest of the line after the last `marker` in the tail of `text`, or of its sentence."""
     tail = text[-_TAIL_CHARS:]
     last = None
     for last in marker.finditer(tail):
@@ -113,26 +120,31 @@ def _last_in_tail(marker: re.Pattern, text: str) -> str | None:
     if last is None:
         return None
     end = tail.find("\n", last.end())
-    return tail[last.end():end if end >= 0 else len(tail)]
+    line = tail[last.end():end if end >= 0 else len(tail)]
+    stop = _SENTENCE_END.search(line) if to_sentence_end else None
+    return line if stop is None else line[:stop.start()]
 
 
-def _from_hashes(text: str) -> str | None:
-    return _last_in_tail(_HASHES, text)
+def answers_match(pred: str | None, gold: str | int | float | None) -> bool:
+    """True if two answers are the same: numerically when both are numbers, else as text.
 
-
-def _from_answer_is(text: str) -> str | None:
-    found = _last_in_tail(_ANSWER_IS, text)
-    return None if found is None else _clip_sentence(found)
-
-
-def _from_answer_line(text: str) -> str | None:
-    found = _last_in_tail(_ANSWER_LINE, text)
-    return None if found is None else _clip_sentence(found)
-
-
-def _clip_sentence(line: str) -> str:
-    end = _SENTENCE_END.search(line)
-    return line if end is None else line[:end.start()]
+    Numbers are compared exactly (Fraction): "18" = "18.0" = "$18" = "18.00", "1,000" = "1000",
+    "3/4" = "0.75", "-5" = "−5"; "18" != "180" and "1.5" != "15". Text is compared after removing
+    case, repeated whitespace, surrounding quotes, math delimiters and a final period.
+    """
+    if pred is None or gold is None:
+        return False
+    try:
+        pred, gold = str(pred), str(gold)
+    except ValueError:  # an int too large to print (Python's 4300-digit limit) is no answer
+        return False
+    if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
+        return False
+    a, b = parse_number(pred), parse_number(gold)
+    if a is not None and b is not None:
+        return a == b
+    a_text, b_text = _normalize_text(pred), _normalize_text(gold)
+    return a_text != "" and a_text == b_text
 
 
 _WRAPPERS = (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"))
@@ -146,25 +158,6 @@ _NOT_UNITS = {"hundred", "thousand", "million", "billion", "trillion", "dozen", 
 _DECIMAL = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+")   # "1,000.5", "18", "18.", ".5"
 _FRACTION = re.compile(r"(\d{1,20})[ \t]*/[ \t]*(\d{1,20})")
 _LATEX_FRACTION = re.compile(r"\\[dt]?frac\{[ \t]*(\d{1,20})[ \t]*\}\{[ \t]*(\d{1,20})[ \t]*\}")
-
-
-def _unwrap(s: str) -> str:
-    """Strip presentation around an answer: $..$, \\(..\\), **..**, \\boxed{..}, \\text{..}, final '.'."""
-    s = _TEXT_COMMAND.sub(r"\1", s).strip()
-    for _ in range(4):  # wrappers nest at most a few deep ("$\\boxed{18}$.")
-        before = s
-        for left, right in _WRAPPERS:
-            if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
-                s = s[len(left):len(s) - len(right)].strip()
-        opened = _BOX_OPEN.match(s)
-        if opened is not None and s.count("\\boxed") == 1:
-            boxed = _last_boxed(s)
-            if boxed is not None and opened.end() + len(boxed) == len(s) - 1:  # the box is all of s
-                s = boxed.strip()
-        s = s.rstrip(".").strip()
-        if s == before:
-            break
-    return s
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -216,31 +209,23 @@ def _normalize_text(s: str) -> str:
     return s
 
 
-def answers_match(pred: str | None, gold: str | int | float | None) -> bool:
-    """True if two answers are the same: numerically when both are numbers, else as text.
-
-    Numbers are compared exactly (Fraction): "18" = "18.0" = "$18" = "18.00", "1,000" = "1000",
-    "3/4" = "0.75", "-5" = "−5"; "18" != "180" and "1.5" != "15". Text is compared after removing
-    case, repeated whitespace, surrounding quotes, math delimiters and a final period.
-    """
-    if pred is None or gold is None:
-        return False
-    try:
-        pred, gold = str(pred), str(gold)
-    except ValueError:  # an int too large to print (Python's 4300-digit limit) is no answer
-        return False
-    if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
-        return False
-    a, b = parse_number(pred), parse_number(gold)
-    if a is not None and b is not None:
-        return a == b
-    a_text, b_text = _normalize_text(pred), _normalize_text(gold)
-    return a_text != "" and a_text == b_text
-
-
-def accuracy_reward(completion: str, answer: str | int | float) -> float:
-    """1.0 if the answer extracted from `completion` matches `answer` (see answers_match), else 0.0."""
-    return 1.0 if answers_match(extract_answer(completion), answer) else 0.0
+def _unwrap(s: str) -> str:
+    """Strip presentation around an answer: $..$, \\(..\\), **..**, \\boxed{..}, \\text{..}, final '.'."""
+    s = _TEXT_COMMAND.sub(r"\1", s).strip()
+    for _ in range(4):  # wrappers nest at most a few deep ("$\\boxed{18}$.")
+        before = s
+        for left, right in _WRAPPERS:
+            if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
+                s = s[len(left):len(s) - len(right)].strip()
+        opened = _BOX_OPEN.match(s)
+        if opened is not None and s.count("\\boxed") == 1:
+            boxed = _last_boxed(s)
+            if boxed is not None and opened.end() + len(boxed) == len(s) - 1:  # the box is all of s
+                s = boxed.strip()
+        s = s.rstrip(".").strip()
+        if s == before:
+            break
+    return s
 
 
 # ------------------------------------------------------------------------------------------- format
@@ -390,39 +375,6 @@ def _content(text: str) -> str:
     return _NO_LETTERS.sub(" ", _FILLER.sub(" ", _MARKERS.sub(" ", text)))
 
 
-def _text_score(reasoning: str, question: str | None, tokenize: Callable[[str], Sequence[Any]],
-                min_tokens: int, ngram: int) -> float:
-    """Free-text reasoning: distinct content tokens up to min_tokens, less repetition and restating."""
-    tokens = tokenize(_content(reasoning))
-    if not len(tokens):
-        return 0.0
-    keys = {t.lower().strip(_PUNCTUATION) if isinstance(t, str) else t for t in tokens}
-    ramp = min(1.0, len(keys - {""}) / min_tokens)
-    grams = _ngrams(tokens, ngram)
-    quality = len(set(grams)) / len(grams)
-    if question is not None:
-        quality *= 1.0 - _share_in(grams, tokenize(_content(question)))
-    return ramp * quality
-
-
-# A number in a question: "1,000", "3.5", "48"; number words count too ("half as many": 2).
-_QUESTION_NUMBER = re.compile(r"(?<![\d.])\d{1,32}(?:,\d{3})*(?:\.\d+)?")
-_NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
-                 "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "twenty": 20, "hundred": 100,
-                 "thousand": 1000, "half": 2, "twice": 2, "double": 2, "doubles": 2, "third": 3,
-                 "triple": 3, "thrice": 3, "quarter": 4, "dozen": 12, "percent": 100, "%": 100}
-_WORD = re.compile(r"[a-zA-Z]+|%")
-
-
-def _question_numbers(question: str) -> tuple[Counter, Counter]:
-    """(numbers a step may start from, the numbers written in digits, which a solution should use)."""
-    question = question[:_MAX_QUESTION_CHARS]
-    written = Counter(m.group().replace(",", "") for m in _QUESTION_NUMBER.finditer(question))
-    digits = Counter({Fraction(text): count for text, count in written.items()})
-    words = Counter(_NUMBER_WORDS[w] for w in map(str.lower, _WORD.findall(question)) if w in _NUMBER_WORDS)
-    return digits + Counter({Fraction(value): count for value, count in words.items()}), digits
-
-
 def _grounded_score(chain: list[tuple], final: str | None, question: str | None,
                     steps: str | Sequence[str] | None) -> float:
     """The arithmetic score of thinking_reward (see its docstring) for the parsed steps."""
@@ -456,6 +408,39 @@ def _grounded_score(chain: list[tuple], final: str | None, question: str | None,
     return paid / sum(not step[-1] for step in chain) * (0.25 + 0.75 * ends) * coverage
 
 
+# A number in a question: "1,000", "3.5", "48"; number words count too ("half as many": 2).
+_QUESTION_NUMBER = re.compile(r"(?<![\d.])\d{1,32}(?:,\d{3})*(?:\.\d+)?")
+_NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+                 "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "twenty": 20, "hundred": 100,
+                 "thousand": 1000, "half": 2, "twice": 2, "double": 2, "doubles": 2, "third": 3,
+                 "triple": 3, "thrice": 3, "quarter": 4, "dozen": 12, "percent": 100, "%": 100}
+_WORD = re.compile(r"[a-zA-Z]+|%")
+
+
+def _question_numbers(question: str) -> tuple[Counter, Counter]:
+    """(numbers a step may start from, the numbers written in digits, which a solution should use)."""
+    question = question[:_MAX_QUESTION_CHARS]
+    written = Counter(m.group().replace(",", "") for m in _QUESTION_NUMBER.finditer(question))
+    digits = Counter({Fraction(text): count for text, count in written.items()})
+    words = Counter(_NUMBER_WORDS[w] for w in map(str.lower, _WORD.findall(question)) if w in _NUMBER_WORDS)
+    return digits + Counter({Fraction(value): count for value, count in words.items()}), digits
+
+
+def _text_score(reasoning: str, question: str | None, tokenize: Callable[[str], Sequence[Any]],
+                min_tokens: int, ngram: int) -> float:
+    """Free-text reasoning: distinct content tokens up to min_tokens, less repetition and restating."""
+    tokens = tokenize(_content(reasoning))
+    if not len(tokens):
+        return 0.0
+    keys = {t.lower().strip(_PUNCTUATION) if isinstance(t, str) else t for t in tokens}
+    ramp = min(1.0, len(keys - {""}) / min_tokens)
+    grams = _ngrams(tokens, ngram)
+    quality = len(set(grams)) / len(grams)
+    if question is not None:
+        quality *= 1.0 - _share_in(grams, tokenize(_content(question)))
+    return ramp * quality
+
+
 def _ngrams(tokens: Sequence[Any], n: int) -> list[tuple]:
     keys = [t.lower().strip(_PUNCTUATION) if isinstance(t, str) else t for t in tokens]
     n = max(1, min(n, len(keys)))
@@ -472,6 +457,21 @@ def _share_in(grams: list[tuple], other_tokens: Sequence[Any]) -> float:
 
 def _unit(x: float) -> float:
     return min(1.0, max(0.0, x)) if math.isfinite(x) else 0.0
+
+
+def _parse_steps(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, str, bool]]:
+    """The equations of `text`, each with a last field that is True where it repeats an earlier one."""
+    seen, steps = set(), []
+    for step in _equations(text):
+        key = _step_key(step)
+        steps.append((*step, key in seen))
+        seen.add(key)
+    return steps
+
+
+def _step_key(step: tuple) -> tuple:
+    """What makes two steps the same: true or not, the expression (spacing aside), the result."""
+    return step[0], "".join(step[4].split()), step[2]
 
 
 _EQUATION_RUN = re.compile(r"[0-9.,+\-*/()=$ \t]+")  # maximal runs of arithmetic characters
@@ -499,21 +499,6 @@ def _equations(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, st
         if step is not None:
             steps.append(step)
     return steps
-
-
-def _parse_steps(text: str) -> list[tuple[bool, list[Fraction], Fraction, bool, str, bool]]:
-    """The equations of `text`, each with a last field that is True where it repeats an earlier one."""
-    seen, steps = set(), []
-    for step in _equations(text):
-        key = _step_key(step)
-        steps.append((*step, key in seen))
-        seen.add(key)
-    return steps
-
-
-def _step_key(step: tuple) -> tuple:
-    """What makes two steps the same: true or not, the expression (spacing aside), the result."""
-    return step[0], "".join(step[4].split()), step[2]
 
 
 def _check_equation(clause: str) -> tuple[bool, list[Fraction], Fraction, bool, str] | None:
@@ -597,9 +582,9 @@ def combine_rewards(completions: Sequence[str], samples: Sequence[Mapping[str, A
 
     A function with a `score_batch(completions, samples)` method (a model reward) is called once
     for the whole batch; if it returns (scores, {member: scores}) (an ensemble), the members'
-    scores are logged too, as "name.member". `samples` holds one record per completion, or one per group of `group_size` consecutive
-    completions (the prompts of a GRPO batch). Returns (total per completion, raw values per
-    function name for logging; None where a function did not apply).
+    scores are logged too, as "name.member". `samples` holds one record per completion, or one per
+    group of `group_size` consecutive completions (the prompts of a GRPO batch). Returns (total per
+    completion, raw values per function name for logging; None where a function did not apply).
 
     mode="sum":            total = sum_k w_k * r_k, with None as 0. Group normalisation happens
                            afterwards, in grpo.group_advantages (the GRPO / TRL default).
