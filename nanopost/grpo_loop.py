@@ -57,7 +57,7 @@ from typing import Callable
 
 import torch
 
-from .curriculum import CurriculumSampler, PromptSampler, UniformSampler, stages_from_tables
+from .curriculum import CurriculumSampler, PromptSampler, UniformSampler
 from .data import tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
@@ -66,7 +66,7 @@ from .model import PrefixLogprobs, Transformer
 from .plumbing import distributed, interrupt
 from .plumbing.data_files import check_prompts_fit, load_rl
 from .plumbing.hf_io import load_config, load_model, save_model
-from .plumbing.options import GRPOOptions, RunOptions
+from .plumbing.options import GRPOOptions, RunOptions, stages_from_tables
 from .plumbing.run import Run
 from .plumbing.runtime import autocast
 from .plumbing.tokenizer import Tokenizer
@@ -80,22 +80,12 @@ from .tasks import TASKS, get_task
 @dataclass
 class GRPOConfig(RunOptions, GRPOOptions):
     """Every option of a GRPO run (plumbing/options.py; `--help` lists them with their defaults),
-    checked also against what only the core knows: the task names, the curriculum's stages and
-    the temperature schedule's."""
+    with what only the core knows: the task names, and the temperature schedule's stages."""
+
+    task_names = tuple(TASKS)
 
     def validate(self) -> None:
-        super().validate()  # what the options decide alone
-        if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        try:
-            stages = stages_from_tables(self.curriculum_stages)
-        except ValueError as e:
-            raise ValueError(f"--curriculum-stages: {e}") from None
-        for i, stage in enumerate(stages):
-            rows = self.prompts_per_step * (stage.group_size or self.group_size)
-            if stage.group_size is not None and self.minibatches > rows:
-                raise ValueError(f"--curriculum-stages: stage {i}: group_size {stage.group_size} gives {rows} rows "
-                                 f"a step, fewer than --minibatches {self.minibatches}")
+        super().validate()  # the options' own checks, the task's name and the curriculum's stages among them
         try:  # the stage boundaries (increasing, >= 0) as the schedule reads them at the first step
             temperature_at(0, self.steps, kind=self.temperature_schedule, start=self.temperature,
                            end=self.temperature if self.temperature_end is None else self.temperature_end,
