@@ -56,6 +56,7 @@ from collections import Counter
 from typing import Any, Literal, Mapping, Protocol, Sequence
 
 from .plumbing.options import Stage, check_stages
+from .schedules import stage_at
 
 
 class PromptSampler(Protocol):
@@ -240,12 +241,9 @@ class CurriculumSampler:
         return pool
 
     def stage_index(self, step: int) -> int:
-        """Which stage `step` belongs to (the rule is in the `Stage` docstring)."""
-        where = step / self.total_steps if all(b <= 1 for b in self._bounds) else step
-        for i, bound in enumerate(self._bounds):
-            if where < bound:
-                return i
-        return len(self._bounds) - 1
+        """Which stage `step` belongs to: the first whose `until` it has not reached; past the last
+        boundary, the last (schedules.stage_at)."""
+        return min(stage_at(step, self.total_steps, self._bounds), len(self._bounds) - 1)
 
     def stage_settings(self, step: int) -> dict[str, Any]:
         """The stage's overrides for the loop: {"temperature": T, "group_size": G}, those set."""

@@ -396,9 +396,9 @@ class Stage:
     `until` ends the stage. If every stage's `until` is <= 1 they are fractions of total_steps
     and step s belongs to the first stage with s / total_steps < until; otherwise all are
     absolute step numbers and s belongs to the first stage with s < until. Steps past the last
-    boundary stay in the last stage. This is the rule of `schedules.temperature_at(kind="stages")`
-    too (nanopost.schedules.stage_at), so a schedule built from the same boundaries changes at
-    the same steps.
+    boundary stay in the last stage. The rule is nanopost.schedules.stage_at, which a "stages"
+    temperature schedule follows too, so one built from the same boundaries changes at the same
+    steps.
 
     A prompt is in the stage when its difficulty lies in [min_difficulty, max_difficulty] and
     between the `quantiles` (lo, hi) of all prompts' difficulties, bounds included; None means
@@ -472,7 +472,7 @@ def stages_from_tables(tables: Sequence[Mapping[str, Any]]) -> list[Stage]:
 def check_stages(stages: Sequence[Stage]) -> list[float]:
     """The stages' boundaries, after checking that they increase and each stage's ranges."""
     bounds = [float(s.until) for s in stages]
-    if any(b <= 0 for b in bounds) or any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
+    if not all(b > 0 for b in bounds) or not all(b2 > b1 for b1, b2 in zip(bounds, bounds[1:])):  # NaN too
         raise ValueError(f"stage boundaries `until` must be > 0 and strictly increasing, got {bounds}")
     for i, s in enumerate(stages):
         if s.quantiles is not None and not 0.0 <= s.quantiles[0] <= s.quantiles[1] <= 1.0:
