@@ -65,7 +65,7 @@ from .grpo import group_advantages, policy_loss
 from .model import PrefixLogprobs, Transformer
 from .plumbing import distributed, interrupt
 from .plumbing.data_files import check_prompts_fit, load_rl
-from .plumbing.hf_io import load_config, load_model, save_model
+from .plumbing.hf_io import load_config, load_model
 from .plumbing.options import GRPOOptions, RunOptions, stages_from_tables
 from .plumbing.run import Run
 from .plumbing.runtime import autocast
@@ -569,26 +569,6 @@ def sample_rollouts(policy: Transformer, tokenizer: Tokenizer, template: PromptT
     return Rollouts.concat(sampled), kept, n_zero
 
 
-def restore(saved: dict, resume_from, sampler: PromptSampler, generator: torch.Generator,
-            reference: Transformer | None, scorer: RewardScorer, dist: distributed.Dist, log) -> None:
-    """Put back what a checkpoint saved besides the weights and the optimizer: the sampler's
-    state, each process's sampling stream, the reference model, the reward statistics."""
-    sampler.load_state_dict(saved["sampler"])
-    streams = saved.get("sample_rng", [])
-    if dist.rank < len(streams):
-        generator.set_state(streams[dist.rank])
-    if len(streams) != dist.world:
-        log(f"{resume_from} was saved by {len(streams)} process(es), this run has {dist.world}: sampling "
-            "streams without a saved state start afresh, so the run continues but not bit for bit")
-    if reference is not None and (resume_from / "reference").is_dir():
-        reference.load_state_dict(load_model(resume_from / "reference", device=dist.device).state_dict())
-    # Reward statistics (a model reward's running mean and std), one set per process since each
-    # scores its own groups; a process the saved run did not have starts from rank 0's.
-    reward_states = saved.get("reward_state", [])
-    if reward_states:
-        scorer.load_state_dict(reward_states[dist.rank if dist.rank < len(reward_states) else 0])
-
-
 @interrupt.stop_on_signals()
 def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=print,
                extra_rewards: dict[str, Callable] | None = None, check: Callable | None = None,
@@ -621,21 +601,16 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
     trained, optimizer, saved = run.prepare(policy)
     step, best = saved.get("step", 0), saved.get("best_accuracy", -math.inf)
-    if run.resume_from is not None:
-        restore(saved, run.resume_from, sampler, generator, reference, scorer, dist, log)
+    run.restore_rollouts(saved, sampler, generator, scorer, reference)
     prompt_tokens = sum(len(prompts.ids[prompt_key(r)]) for r in prompts.records)
     run.begin(step, cfg.steps, f"{len(prompts.records):,} prompts ({prompt_tokens:,} prompt tokens), "
               f"{len(prompts.val_records):,} held-out; {cfg.steps - step} steps to run, {cfg.prompts_per_step} "
               f"prompts x {cfg.group_size} samples of up to {cfg.max_new_tokens} tokens each", policy)
 
     def save(name: str) -> None:
-        streams = dist.gather(generator.get_state())  # collectives: every process takes part
-        reward_states = dist.gather(scorer.state_dict())
-        path = run.save(name, policy, optimizer, tokenizer, {
-            "step": step, "sampler": sampler.state_dict(), "sample_rng": streams, "reward_state": reward_states,
-            "best_accuracy": best})
-        if path is not None and reference is not None and cfg.ref_reset_every:
-            save_model(reference, path / "reference")
+        state = run.rollout_state(sampler, generator, scorer)  # collectives: every process takes part
+        run.save(name, policy, optimizer, tokenizer, {"step": step, **state, "best_accuracy": best},
+                 reference=reference if cfg.ref_reset_every else None)  # else it is still --model
 
     def run_eval() -> dict:
         nonlocal best
