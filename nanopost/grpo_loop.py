@@ -525,9 +525,11 @@ def load_policy(cfg: GRPOConfig, device) -> tuple[Transformer, Transformer | Non
     return policy, reference
 
 
-def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[float, int]:
-    """This step's sampling temperature and group size: the schedule's, unless a curriculum stage
-    sets its own ("hotter late" in one line)."""
+def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[float, float, GRPOConfig]:
+    """This step's learning rate, sampling temperature and config: the schedules' and cfg, unless a
+    curriculum stage sets its own temperature or group size ("hotter late" in one line)."""
+    lr = lr_at(step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
+               kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     settings = sampler.stage_settings(step)
     if "temperature" in settings:
         temperature = settings["temperature"]
@@ -535,17 +537,18 @@ def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[f
         temperature = temperature_at(step, cfg.steps, kind=cfg.temperature_schedule, start=cfg.temperature,
                                      end=cfg.temperature if cfg.temperature_end is None else cfg.temperature_end,
                                      stages=cfg.temperature_stages or None)
-    return temperature, settings.get("group_size", cfg.group_size)
+    G = settings.get("group_size", cfg.group_size)
+    return lr, temperature, cfg if G == cfg.group_size else dataclasses.replace(cfg, group_size=G)
 
 
 def sample_rollouts(policy: Transformer, tokenizer: Tokenizer, template: PromptTemplate, prompts: Prompts,
                     sampler: PromptSampler, scorer: RewardScorer, cfg: GRPOConfig, temperature: float,
                     generator: torch.Generator, dist: distributed.Dist, step: int
-                    ) -> tuple[Rollouts, list[Rollouts], int]:
+                    ) -> tuple[Rollouts, list[Rollouts], dict[str, float]]:
     """One step's rollouts, with dynamic sampling: a group whose rewards all agree has advantage 0
-    everywhere and teaches nothing, so "filter" drops it and "refill" also draws more prompts, up
+    everywhere and teaches nothing, so "drop" drops it and "refill" also draws more prompts, up
     to max_refill_rounds times, to replace it. Returns (all that was sampled, the groups kept, the
-    number dropped). cfg carries this step's group size."""
+    counts logged). cfg carries this step's group size."""
     G = cfg.group_size
     sampled, kept, n_zero = [], [], 0
     want = cfg.prompts_per_step
@@ -566,7 +569,42 @@ def sample_rollouts(policy: Transformer, tokenizer: Tokenizer, template: PromptT
         want -= len(ro.records)
         if want <= 0:
             break
-    return Rollouts.concat(sampled), kept, n_zero
+    everything = Rollouts.concat(sampled)
+    n = len(everything.records)
+    return everything, kept, {"zero_std_frac": n_zero / n, "groups_kept": sum(len(p.records) for p in kept),
+                              "groups_sampled": n, "samples": n * G}
+
+
+def _pass_rates(ro: Rollouts, group_size: int) -> list[float]:
+    """Fraction of each group's completions judged correct (accuracy reward if present, else reward > 0)."""
+    values = ro.per_function.get("accuracy")
+    if values is None:
+        values = (ro.rewards > 0).float().tolist()
+    values = [0.0 if v is None else float(v) for v in values]
+    return [sum(values[g * group_size : (g + 1) * group_size]) / group_size for g in range(len(ro.records))]
+
+
+def step_metrics(ro: Rollouts) -> dict[str, float]:
+    """What a step's rollouts show: their rewards, in total and per function, and their lengths."""
+    lengths = ro.mask.sum(1)
+    row: dict[str, float] = {
+        "reward_mean": ro.rewards.mean().item(),
+        "reward_std": ro.rewards.std().item() if len(ro.rewards) > 1 else 0.0,
+        "len_mean": lengths.mean().item(),
+        "len_max": lengths.max().item(),
+        "truncated_frac": (~ro.finished).float().mean().item(),
+    }
+    for name, values in ro.per_function.items():
+        v = torch.tensor([0.0 if x is None else x for x in values])
+        row[f"reward_{name}_mean"] = v.mean().item()
+        row[f"reward_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
+    if "accuracy" in ro.per_function:
+        correct = torch.tensor([bool(x) for x in ro.per_function["accuracy"]])
+        if correct.any():
+            row["len_correct"] = lengths[correct].mean().item()
+        if (~correct).any():
+            row["len_wrong"] = lengths[~correct].mean().item()
+    return row
 
 
 @interrupt.stop_on_signals()
@@ -634,35 +672,31 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         last_eval = run_eval()
     while step < total:
         t0 = time.perf_counter()
-        temperature, G = step_settings(cfg, sampler, step)
-        step_cfg = cfg if G == cfg.group_size else dataclasses.replace(cfg, group_size=G)
-        lr = lr_at(step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
-                   kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+        lr, temperature, step_cfg = step_settings(cfg, sampler, step)
+        G = step_cfg.group_size
         set_lr(optimizer, lr)
         # 1. rollouts, with dynamic sampling
-        rollouts, kept, n_zero = sample_rollouts(policy, tokenizer, template, prompts, sampler, scorer, step_cfg,
+        rollouts, kept, counts = sample_rollouts(policy, tokenizer, template, prompts, sampler, scorer, step_cfg,
                                                  temperature, generator, dist, step)
-        # 2. update (skipped when every group was dropped: there is no signal to learn from)
-        tu = time.perf_counter()
+        # 2. advantages and the update (skipped when every group was dropped: there is no signal to learn from)
+        t1 = time.perf_counter()
         update_stats: dict = {}
         if kept:
             batch = Rollouts.concat(kept)
             advantages = group_advantages(batch.rewards, G, scale=cfg.adv_scale)
             update_stats = update_policy(policy, reference, optimizer, batch, advantages, step_cfg, temperature,
                                          device, dist=dist, wrapped=trained)
-        t_update = time.perf_counter() - tu
+        seconds = {**rollouts.seconds, "update": time.perf_counter() - t1}  # generate, score, update
         step += 1
         # A function of the step alone, so a resumed run resets at the same steps.
         if reference is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0:
             reference.load_state_dict(distributed.full_weights(policy))
         # 3. metrics, evaluation, checkpoints
-        row = step_metrics(rollouts)
-        row.update(kind="train", step=step, lr=lr, temperature=temperature, group_size=G,
-                   zero_std_frac=n_zero / len(rollouts.records), groups_kept=sum(len(p.records) for p in kept),
-                   groups_sampled=len(rollouts.records), samples=len(rollouts.records) * G, time_generate=rollouts.seconds["generate"],
-                   time_score=rollouts.seconds["score"], time_update=t_update, time_step=time.perf_counter() - t0,
-                   **update_stats, **{f"sampler_{k}": v for k, v in sampler.metrics().items()})
-        row["tok_per_s"] = rollouts.mask.sum().item() / row["time_step"]
+        seconds["step"] = time.perf_counter() - t0
+        row = {**step_metrics(rollouts), "kind": "train", "step": step, "lr": lr, "temperature": temperature,
+               "group_size": G, **counts, **{f"time_{k}": v for k, v in seconds.items()}, **update_stats,
+               **{f"sampler_{k}": v for k, v in sampler.metrics().items()},
+               "tok_per_s": rollouts.mask.sum().item() / seconds["step"]}
         if step % cfg.log_every == 0 or step == total:
             accuracy = {"acc": row["reward_accuracy_mean"]} if "reward_accuracy_mean" in row else {}
             log(run.progress.line(step, reward=row["reward_mean"], **accuracy, T=temperature, len=row["len_mean"],
@@ -672,34 +706,3 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
             last_eval = run_eval()
         total = run.end_step(step, total, save)
     return {**row, **last_eval}
-
-
-def _pass_rates(ro: Rollouts, group_size: int) -> list[float]:
-    """Fraction of each group's completions judged correct (accuracy reward if present, else reward > 0)."""
-    values = ro.per_function.get("accuracy")
-    if values is None:
-        values = (ro.rewards > 0).float().tolist()
-    values = [0.0 if v is None else float(v) for v in values]
-    return [sum(values[g * group_size : (g + 1) * group_size]) / group_size for g in range(len(ro.records))]
-
-
-def step_metrics(ro: Rollouts) -> dict[str, float]:
-    lengths = ro.mask.sum(1)
-    row: dict[str, float] = {
-        "reward_mean": ro.rewards.mean().item(),
-        "reward_std": ro.rewards.std().item() if len(ro.rewards) > 1 else 0.0,
-        "len_mean": lengths.mean().item(),
-        "len_max": lengths.max().item(),
-        "truncated_frac": (~ro.finished).float().mean().item(),
-    }
-    for name, values in ro.per_function.items():
-        v = torch.tensor([0.0 if x is None else x for x in values])
-        row[f"reward_{name}_mean"] = v.mean().item()
-        row[f"reward_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
-    if "accuracy" in ro.per_function:
-        correct = torch.tensor([bool(x) for x in ro.per_function["accuracy"]])
-        if correct.any():
-            row["len_correct"] = lengths[correct].mean().item()
-        if (~correct).any():
-            row["len_wrong"] = lengths[~correct].mean().item()
-    return row
