@@ -53,6 +53,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -87,11 +88,15 @@ class GRPOConfig(RunOptions, GRPOOptions):
     def validate(self) -> None:
         super().validate()  # the options' own checks, the task's name and the curriculum's stages among them
         try:  # the stage boundaries (increasing, >= 0) as the schedule reads them at the first step
-            temperature_at(0, self.steps, kind=self.temperature_schedule, start=self.temperature,
-                           end=self.temperature if self.temperature_end is None else self.temperature_end,
-                           stages=self.temperature_stages or None)
+            self.scheduled_temperature(0)
         except ValueError as e:
             raise ValueError(f"--temperature-stages: {e}") from None
+
+    def scheduled_temperature(self, step: int) -> float:
+        """The sampling temperature --temperature-schedule gives `step` (a curriculum stage may set its own)."""
+        return temperature_at(step, self.steps, kind=self.temperature_schedule, start=self.temperature,
+                              end=self.temperature if self.temperature_end is None else self.temperature_end,
+                              stages=self.temperature_stages or None)
 
 
 def make_sampler(cfg: GRPOConfig, records: list[dict], pass_rates: dict[str, float] | None = None) -> PromptSampler:
@@ -142,11 +147,7 @@ def task_rewards(task, records: list[dict], path: str, log) -> dict[str, Callabl
             raise ValueError(f"{path}: record {record.get('id', i)!r} has no {missing[0]!r}, which --task "
                              f"{task.name}'s check needs (fields: {', '.join(task.fields)})")
     log(f"reward accuracy: the {task.name} task's check ({task.verifier})")
-
-    def accuracy(completion: str, sample: dict) -> float:
-        return task.check(completion, sample)
-
-    return {"accuracy": accuracy}
+    return {"accuracy": task.check}
 
 
 # ---------------------------------------------------------------- rollouts
@@ -207,22 +208,26 @@ class RewardScorer:
     """
 
     def __init__(self, weights: dict[str, float], mode: str = "sum", extra: dict[str, Callable] | None = None):
-        funcs = dict(extra or {})
-        self.funcs = [(name, funcs[name] if name in funcs else builtin_reward(name), w) for name, w in weights.items()]
+        extra = extra or {}
+        self.funcs = [(name, extra[name] if name in extra else builtin_reward(name), w) for name, w in weights.items()]
         self.mode = mode
+        self.stateful = {name: fn for name, fn, _ in self.funcs
+                         if hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict")}
 
     def __call__(self, texts: list[str], samples: list[dict], group_size: int,
                  known: dict[str, tuple[list[float], float]] | None = None):
-        funcs = self.funcs + [(name, _Known(values), w) for name, (values, w) in (known or {}).items()]
+        # A known term scores the batch with its values (the overlong penalty counts tokens, not text).
+        funcs = self.funcs + [(name, SimpleNamespace(score_batch=lambda *_, values=values: values), w)
+                              for name, (values, w) in (known or {}).items()]
         total, per = combine_rewards(texts, samples, funcs, group_size=group_size, mode=self.mode)
         return torch.tensor(total, dtype=torch.float32), per
 
     def state_dict(self) -> dict[str, dict]:
-        return {name: fn.state_dict() for name, fn, _ in self.funcs if _stateful(fn)}
+        return {name: fn.state_dict() for name, fn in self.stateful.items()}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
-        for name, fn, _ in self.funcs:
-            if _stateful(fn) and name in state:
+        for name, fn in self.stateful.items():
+            if name in state:
                 fn.load_state_dict(state[name])
 
 
@@ -230,34 +235,14 @@ def builtin_reward(name: str) -> Callable:
     """The function of a --rewards name that no function of the run claims: one of nanopost.rewards
     (sample_reward), or "countdown", the Countdown task's check (None for a record without the
     puzzle's numbers and target)."""
-    if name != "countdown":
-        try:
-            return sample_reward(name)
-        except ValueError:
-            raise ValueError(f'unknown reward {name!r}; expected "accuracy", "format", "thinking" or '
-                             '"countdown"') from None
-    task = get_task("countdown")
-
-    def countdown(completion: str, sample: dict) -> float | None:
-        if any(sample.get(f) is None for f in task.fields):
-            return None
-        return task.check(completion, sample)
-
-    return countdown
-
-
-def _stateful(fn) -> bool:
-    return hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict")
-
-
-class _Known:
-    """A reward term whose values are already known (the overlong penalty counts tokens, not text)."""
-
-    def __init__(self, values: list[float]):
-        self.values = values
-
-    def score_batch(self, completions, samples) -> list[float]:
-        return self.values
+    if name == "countdown":
+        task = get_task("countdown")
+        return lambda completion, sample: (None if any(sample.get(f) is None for f in task.fields)
+                                           else task.check(completion, sample))
+    try:
+        return sample_reward(name)
+    except ValueError:
+        raise ValueError(f'unknown reward {name!r}; expected "accuracy", "format", "thinking" or "countdown"') from None
 
 
 def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prompt_ids: list[list[int]],
@@ -340,6 +325,13 @@ def _scatter(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
 
 
+def rows_logprobs(model: Transformer, batch: Rollouts, rows: list[int], temperature: float, device,
+                  want_entropy: bool = False):
+    """`sequence_logprobs` of the batch's `rows`: their prompts, completions and masks."""
+    return sequence_logprobs(model, [batch.prompts[i] for i in rows], batch.tokens[rows].to(device), temperature,
+                             want_entropy=want_entropy, mask=batch.mask[rows])
+
+
 def learner_logprobs(policy: Transformer, batch: Rollouts, cfg: GRPOConfig, temperature: float, device,
                      dist: distributed.Dist) -> torch.Tensor:
     """[N, T] logprobs of every row in the learner's precision, without grad, on the CPU like the sampler's.
@@ -348,14 +340,12 @@ def learner_logprobs(policy: Transformer, batch: Rollouts, cfg: GRPOConfig, temp
     The weights are gathered whole first (FSDP2), so ranks need not run the same number of forwards.
     """
     mine = distributed.shard(len(batch.prompts), dist)
-    size = max(1, _micro(cfg, len(mine)))
+    size = max(1, cfg.micro_batch if 0 < cfg.micro_batch < len(mine) else len(mine))
     parts = [batch.old_logprobs[:0]]
     with distributed.gathered(policy), torch.no_grad(), autocast(device, cfg.precision):
         for start in range(mine.start, mine.stop, size):
             rows = list(range(start, min(start + size, mine.stop)))
-            logp = sequence_logprobs(policy, [batch.prompts[i] for i in rows], batch.tokens[rows].to(device),
-                                     temperature, mask=batch.mask[rows])[0]
-            parts.append(logp.float().cpu())
+            parts.append(rows_logprobs(policy, batch, rows, temperature, device)[0].float().cpu())
     return torch.cat(dist.gather(torch.cat(parts)))
 
 
@@ -383,8 +373,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
         todo = [i for i in rows if i not in ref_rows]
         if todo:
             with torch.no_grad(), autocast(device, cfg.precision):
-                logp = sequence_logprobs(reference, [batch.prompts[i] for i in todo], batch.tokens[todo].to(device),
-                                         temperature, mask=batch.mask[todo])[0].float()
+                logp = rows_logprobs(reference, batch, todo, temperature, device)[0].float()
             ref_rows.update(zip(todo, logp))
         t_ref += time.perf_counter() - t0
         return torch.stack([ref_rows[i] for i in rows])
@@ -419,9 +408,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
                 ref_logp = reference_logprobs(rows) if reference is not None else None
                 with distributed.sync_gradients(wrapped, m == len(micro) - 1):
                     with autocast(device, cfg.precision):
-                        logp, entropy = sequence_logprobs(wrapped, [batch.prompts[i] for i in rows],
-                                                          batch.tokens[r].to(device), temperature, want_entropy=True,
-                                                          mask=batch.mask[r])
+                        logp, entropy = rows_logprobs(wrapped, batch, rows, temperature, device, want_entropy=True)
                     old_logp = logp.detach().float() if own_old else old_logprobs[r].to(device)
                     loss, s = policy_loss(
                         logp.float(), old_logp, advantages[r].to(device),
@@ -460,10 +447,6 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
     times, ratios = zip(*dist.gather((t_ref, ratio_max_sampler)))
     out["time_reference"], out["ratio_max_sampler"] = max(times), max(ratios)
     return out
-
-
-def _micro(cfg: GRPOConfig, n: int) -> int:
-    return cfg.micro_batch if 0 < cfg.micro_batch < n else n
 
 
 def _split(order: list[int], parts: int) -> list[list[int]]:
@@ -531,12 +514,7 @@ def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[f
     lr = lr_at(step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
                kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     settings = sampler.stage_settings(step)
-    if "temperature" in settings:
-        temperature = settings["temperature"]
-    else:
-        temperature = temperature_at(step, cfg.steps, kind=cfg.temperature_schedule, start=cfg.temperature,
-                                     end=cfg.temperature if cfg.temperature_end is None else cfg.temperature_end,
-                                     stages=cfg.temperature_stages or None)
+    temperature = settings["temperature"] if "temperature" in settings else cfg.scheduled_temperature(step)
     G = settings.get("group_size", cfg.group_size)
     return lr, temperature, cfg if G == cfg.group_size else dataclasses.replace(cfg, group_size=G)
 
@@ -630,7 +608,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     weights, reward_fns = reward_setup(cfg, task, prompts.records, log)
     sampler = sampler or make_sampler(cfg, prompts.records)
     policy, reference = load_policy(cfg, device)
-    scorer = RewardScorer(weights, cfg.reward_mode, {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
+    scorer = RewardScorer(weights, cfg.reward_mode,
+                          {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
     if check is None and task is not None:
         check = lambda completion, item: task.check(completion, item.record)  # noqa: E731
     eval_items = [EvalItem(prompts.val_ids[prompt_key(r)], r["answer"], r.get("difficulty"), r)
