@@ -18,8 +18,8 @@ The loop talks to a sampler through six methods, so a curriculum is a drop-in re
     (default 0.2) of each step's prompts still comes from earlier stages: easy items kept in the
     mix hold answer length and format (arXiv 2511.01937). A stage may also set the sampling
     temperature and group size; raising the temperature by stage ("hotter late", POLARIS
-    1.4 -> 1.45 -> 1.5) keeps entropy up once the policy has sharpened. `stages_from_tables`
-    reads stages as a config writes them (scripts/grpo.py --curriculum-stages, rl.make_sampler).
+    1.4 -> 1.45 -> 1.5) keeps entropy up once the policy has sharpened. A `Stage` is a record
+    of the options (plumbing/options.py, which reads and checks --curriculum-stages).
  2. Unstable prompts first. With a 0/1 reward and pass rate p, a group's reward variance is
     p(1 - p), and GRPO learns nothing from a group whose answers all agree (DAPO). So the sampler
     tracks each prompt's pass rate online (an EMA of every group's fraction correct, weight
@@ -53,8 +53,10 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Protocol, Sequence
+
+from .plumbing.options import Stage, check_stages
+from .schedules import stage_at
 
 
 class PromptSampler(Protocol):
@@ -135,105 +137,8 @@ def unique_keys(records: Sequence[dict]) -> list[str]:
 # ---------------------------------------------------------------- the curriculum
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One phase of training: which prompts, and optionally the temperature and group size.
-
-    `until` ends the stage. If every stage's `until` is <= 1 they are fractions of total_steps
-    and step s belongs to the first stage with s / total_steps < until; otherwise all are
-    absolute step numbers and s belongs to the first stage with s < until. Steps past the last
-    boundary stay in the last stage. This is the rule of `schedules.temperature_at(kind="stages")`,
-    so a schedule built from the same boundaries changes at the same steps.
-
-    A prompt is in the stage when its difficulty lies in [min_difficulty, max_difficulty] and
-    between the `quantiles` (lo, hi) of all prompts' difficulties, bounds included; None means
-    no bound.
-    """
-
-    until: float
-    min_difficulty: float | None = None
-    max_difficulty: float | None = None
-    quantiles: tuple[float, float] | None = None
-    temperature: float | None = None
-    group_size: int | None = None
-
-    def __post_init__(self) -> None:
-        # Refused here rather than at the first sampling step of the stage, which may be hours in.
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"Stage(until={self.until}): temperature must be > 0 to sample GRPO groups "
-                             f"(greedy groups have zero variance, so no advantage), got {self.temperature}")
-
-    @property
-    def filters(self) -> bool:
-        return self.min_difficulty is not None or self.max_difficulty is not None or self.quantiles is not None
-
-
 Mode = Literal["uniform", "band", "learnability"]
 MODES = ("uniform", "band", "learnability")
-STAGE_KEYS = ("until", "levels", "min_difficulty", "max_difficulty", "quantiles", "temperature", "group_size")
-
-
-def stages_from_tables(tables: Sequence[Mapping[str, Any]]) -> list[Stage]:
-    """`Stage`s from plain tables, as a config file or option writes them:
-
-        [{until = 0.5, levels = [1, 3], temperature = 0.8}, {until = 1.0, temperature = 1.0}]
-
-    Keys are Stage's fields; `levels = [lo, hi]` is min_difficulty and max_difficulty in one.
-    Every rule the sampler applies to its stages is checked here (`check_stages`), so a bad stage
-    is refused when the options are read. Errors say which stage ("stage 1: ...").
-    """
-    stages = []
-    for i, table in enumerate(tables):
-        if not isinstance(table, Mapping):
-            raise ValueError(f"stage {i}: expected a table such as {{until = 0.5, levels = [1, 3]}}, got {table!r}")
-        unknown = [k for k in table if k not in STAGE_KEYS]
-        if unknown:
-            raise ValueError(f"stage {i}: unknown key {unknown[0]!r}; expected {', '.join(STAGE_KEYS)}")
-        if "until" not in table:
-            raise ValueError(f"stage {i}: missing `until`, where the stage ends (a fraction of the steps, or a step)")
-        kw = {k: v for k, v in table.items() if k != "levels"}
-        if "levels" in table:
-            levels = table["levels"]
-            if "min_difficulty" in table or "max_difficulty" in table:
-                raise ValueError(f"stage {i}: give `levels` or min_difficulty/max_difficulty, not both")
-            if not isinstance(levels, (list, tuple)) or len(levels) != 2:
-                raise ValueError(f"stage {i}: levels must be [lo, hi], got {levels!r}")
-            kw["min_difficulty"], kw["max_difficulty"] = levels
-        if kw.get("quantiles") is not None:
-            kw["quantiles"] = tuple(kw["quantiles"])
-        for key, value in kw.items():  # TOML gives numbers; a string or a bool here is a typo
-            ok = value is None or (isinstance(value, tuple) and key == "quantiles" and len(value) == 2
-                                   and all(_is_number(v) for v in value)) or _is_number(value)
-            if not ok or (key == "group_size" and value is not None and not float(value).is_integer()):
-                raise ValueError(f"stage {i}: {key} must be a number, got {value!r}")
-        if kw.get("group_size") is not None:
-            kw["group_size"] = int(kw["group_size"])
-        try:
-            stages.append(Stage(**kw))
-        except ValueError as e:
-            raise ValueError(f"stage {i}: {e}") from None
-    check_stages(stages)
-    return stages
-
-
-def check_stages(stages: Sequence[Stage]) -> list[float]:
-    """The stages' boundaries, after checking that they increase and each stage's ranges."""
-    bounds = [float(s.until) for s in stages]
-    if any(b <= 0 for b in bounds) or any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
-        raise ValueError(f"stage boundaries `until` must be > 0 and strictly increasing, got {bounds}")
-    for i, s in enumerate(stages):
-        if s.quantiles is not None and not 0.0 <= s.quantiles[0] <= s.quantiles[1] <= 1.0:
-            raise ValueError(f"stage {i}: quantiles must be (lo, hi) with 0 <= lo <= hi <= 1, got {s.quantiles}")
-        if (s.min_difficulty is not None and s.max_difficulty is not None
-                and s.min_difficulty > s.max_difficulty):
-            raise ValueError(f"stage {i}: its difficulty range [{s.min_difficulty}, {s.max_difficulty}] is empty")
-        if s.group_size is not None and s.group_size < 2:
-            raise ValueError(f"stage {i}: group_size must be >= 2, got {s.group_size}")
-    return bounds
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class CurriculumSampler:
@@ -336,12 +241,9 @@ class CurriculumSampler:
         return pool
 
     def stage_index(self, step: int) -> int:
-        """Which stage `step` belongs to (the rule is in the `Stage` docstring)."""
-        where = step / self.total_steps if all(b <= 1 for b in self._bounds) else step
-        for i, bound in enumerate(self._bounds):
-            if where < bound:
-                return i
-        return len(self._bounds) - 1
+        """Which stage `step` belongs to: the first whose `until` it has not reached; past the last
+        boundary, the last (schedules.stage_at)."""
+        return min(stage_at(step, self.total_steps, self._bounds), len(self._bounds) - 1)
 
     def stage_settings(self, step: int) -> dict[str, Any]:
         """The stage's overrides for the loop: {"temperature": T, "group_size": G}, those set."""

@@ -53,11 +53,12 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
-from .curriculum import CurriculumSampler, PromptSampler, UniformSampler, stages_from_tables
+from .curriculum import CurriculumSampler, PromptSampler, UniformSampler
 from .data import tokenize_prompt
 from .eval import EvalItem, default_check, evaluate
 from .generate import generate, shared_prefix
@@ -65,8 +66,8 @@ from .grpo import group_advantages, policy_loss
 from .model import PrefixLogprobs, Transformer
 from .plumbing import distributed, interrupt
 from .plumbing.data_files import check_prompts_fit, load_rl
-from .plumbing.hf_io import load_config, load_model, save_model
-from .plumbing.options import GRPOOptions, RunOptions
+from .plumbing.hf_io import load_config, load_model
+from .plumbing.options import GRPOOptions, RunOptions, stages_from_tables
 from .plumbing.run import Run
 from .plumbing.runtime import autocast
 from .plumbing.tokenizer import Tokenizer
@@ -80,28 +81,22 @@ from .tasks import TASKS, get_task
 @dataclass
 class GRPOConfig(RunOptions, GRPOOptions):
     """Every option of a GRPO run (plumbing/options.py; `--help` lists them with their defaults),
-    checked also against what only the core knows: the task names, the curriculum's stages and
-    the temperature schedule's."""
+    with what only the core knows: the task names, and the temperature schedule's stages."""
+
+    task_names = tuple(TASKS)
 
     def validate(self) -> None:
-        super().validate()  # what the options decide alone
-        if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        try:
-            stages = stages_from_tables(self.curriculum_stages)
-        except ValueError as e:
-            raise ValueError(f"--curriculum-stages: {e}") from None
-        for i, stage in enumerate(stages):
-            rows = self.prompts_per_step * (stage.group_size or self.group_size)
-            if stage.group_size is not None and self.minibatches > rows:
-                raise ValueError(f"--curriculum-stages: stage {i}: group_size {stage.group_size} gives {rows} rows "
-                                 f"a step, fewer than --minibatches {self.minibatches}")
+        super().validate()  # the options' own checks, the task's name and the curriculum's stages among them
         try:  # the stage boundaries (increasing, >= 0) as the schedule reads them at the first step
-            temperature_at(0, self.steps, kind=self.temperature_schedule, start=self.temperature,
-                           end=self.temperature if self.temperature_end is None else self.temperature_end,
-                           stages=self.temperature_stages or None)
+            self.scheduled_temperature(0)
         except ValueError as e:
             raise ValueError(f"--temperature-stages: {e}") from None
+
+    def scheduled_temperature(self, step: int) -> float:
+        """The sampling temperature --temperature-schedule gives `step` (a curriculum stage may set its own)."""
+        return temperature_at(step, self.steps, kind=self.temperature_schedule, start=self.temperature,
+                              end=self.temperature if self.temperature_end is None else self.temperature_end,
+                              stages=self.temperature_stages or None)
 
 
 def make_sampler(cfg: GRPOConfig, records: list[dict], pass_rates: dict[str, float] | None = None) -> PromptSampler:
@@ -152,11 +147,7 @@ def task_rewards(task, records: list[dict], path: str, log) -> dict[str, Callabl
             raise ValueError(f"{path}: record {record.get('id', i)!r} has no {missing[0]!r}, which --task "
                              f"{task.name}'s check needs (fields: {', '.join(task.fields)})")
     log(f"reward accuracy: the {task.name} task's check ({task.verifier})")
-
-    def accuracy(completion: str, sample: dict) -> float:
-        return task.check(completion, sample)
-
-    return {"accuracy": accuracy}
+    return {"accuracy": task.check}
 
 
 # ---------------------------------------------------------------- rollouts
@@ -217,22 +208,26 @@ class RewardScorer:
     """
 
     def __init__(self, weights: dict[str, float], mode: str = "sum", extra: dict[str, Callable] | None = None):
-        funcs = dict(extra or {})
-        self.funcs = [(name, funcs[name] if name in funcs else builtin_reward(name), w) for name, w in weights.items()]
+        extra = extra or {}
+        self.funcs = [(name, extra[name] if name in extra else builtin_reward(name), w) for name, w in weights.items()]
         self.mode = mode
+        self.stateful = {name: fn for name, fn, _ in self.funcs
+                         if hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict")}
 
     def __call__(self, texts: list[str], samples: list[dict], group_size: int,
                  known: dict[str, tuple[list[float], float]] | None = None):
-        funcs = self.funcs + [(name, _Known(values), w) for name, (values, w) in (known or {}).items()]
+        # A known term scores the batch with its values (the overlong penalty counts tokens, not text).
+        funcs = self.funcs + [(name, SimpleNamespace(score_batch=lambda *_, values=values: values), w)
+                              for name, (values, w) in (known or {}).items()]
         total, per = combine_rewards(texts, samples, funcs, group_size=group_size, mode=self.mode)
         return torch.tensor(total, dtype=torch.float32), per
 
     def state_dict(self) -> dict[str, dict]:
-        return {name: fn.state_dict() for name, fn, _ in self.funcs if _stateful(fn)}
+        return {name: fn.state_dict() for name, fn in self.stateful.items()}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
-        for name, fn, _ in self.funcs:
-            if _stateful(fn) and name in state:
+        for name, fn in self.stateful.items():
+            if name in state:
                 fn.load_state_dict(state[name])
 
 
@@ -240,34 +235,14 @@ def builtin_reward(name: str) -> Callable:
     """The function of a --rewards name that no function of the run claims: one of nanopost.rewards
     (sample_reward), or "countdown", the Countdown task's check (None for a record without the
     puzzle's numbers and target)."""
-    if name != "countdown":
-        try:
-            return sample_reward(name)
-        except ValueError:
-            raise ValueError(f'unknown reward {name!r}; expected "accuracy", "format", "thinking" or '
-                             '"countdown"') from None
-    task = get_task("countdown")
-
-    def countdown(completion: str, sample: dict) -> float | None:
-        if any(sample.get(f) is None for f in task.fields):
-            return None
-        return task.check(completion, sample)
-
-    return countdown
-
-
-def _stateful(fn) -> bool:
-    return hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict")
-
-
-class _Known:
-    """A reward term whose values are already known (the overlong penalty counts tokens, not text)."""
-
-    def __init__(self, values: list[float]):
-        self.values = values
-
-    def score_batch(self, completions, samples) -> list[float]:
-        return self.values
+    if name == "countdown":
+        task = get_task("countdown")
+        return lambda completion, sample: (None if any(sample.get(f) is None for f in task.fields)
+                                           else task.check(completion, sample))
+    try:
+        return sample_reward(name)
+    except ValueError:
+        raise ValueError(f'unknown reward {name!r}; expected "accuracy", "format", "thinking" or "countdown"') from None
 
 
 def collect(policy: Transformer, tokenizer: Tokenizer, records: list[dict], prompt_ids: list[list[int]],
@@ -350,6 +325,13 @@ def _scatter(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
 
 
+def rows_logprobs(model: Transformer, batch: Rollouts, rows: list[int], temperature: float, device,
+                  want_entropy: bool = False):
+    """`sequence_logprobs` of the batch's `rows`: their prompts, completions and masks."""
+    return sequence_logprobs(model, [batch.prompts[i] for i in rows], batch.tokens[rows].to(device), temperature,
+                             want_entropy=want_entropy, mask=batch.mask[rows])
+
+
 def learner_logprobs(policy: Transformer, batch: Rollouts, cfg: GRPOConfig, temperature: float, device,
                      dist: distributed.Dist) -> torch.Tensor:
     """[N, T] logprobs of every row in the learner's precision, without grad, on the CPU like the sampler's.
@@ -358,14 +340,12 @@ def learner_logprobs(policy: Transformer, batch: Rollouts, cfg: GRPOConfig, temp
     The weights are gathered whole first (FSDP2), so ranks need not run the same number of forwards.
     """
     mine = distributed.shard(len(batch.prompts), dist)
-    size = max(1, _micro(cfg, len(mine)))
+    size = max(1, cfg.micro_batch if 0 < cfg.micro_batch < len(mine) else len(mine))
     parts = [batch.old_logprobs[:0]]
     with distributed.gathered(policy), torch.no_grad(), autocast(device, cfg.precision):
         for start in range(mine.start, mine.stop, size):
             rows = list(range(start, min(start + size, mine.stop)))
-            logp = sequence_logprobs(policy, [batch.prompts[i] for i in rows], batch.tokens[rows].to(device),
-                                     temperature, mask=batch.mask[rows])[0]
-            parts.append(logp.float().cpu())
+            parts.append(rows_logprobs(policy, batch, rows, temperature, device)[0].float().cpu())
     return torch.cat(dist.gather(torch.cat(parts)))
 
 
@@ -393,8 +373,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
         todo = [i for i in rows if i not in ref_rows]
         if todo:
             with torch.no_grad(), autocast(device, cfg.precision):
-                logp = sequence_logprobs(reference, [batch.prompts[i] for i in todo], batch.tokens[todo].to(device),
-                                         temperature, mask=batch.mask[todo])[0].float()
+                logp = rows_logprobs(reference, batch, todo, temperature, device)[0].float()
             ref_rows.update(zip(todo, logp))
         t_ref += time.perf_counter() - t0
         return torch.stack([ref_rows[i] for i in rows])
@@ -429,9 +408,7 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
                 ref_logp = reference_logprobs(rows) if reference is not None else None
                 with distributed.sync_gradients(wrapped, m == len(micro) - 1):
                     with autocast(device, cfg.precision):
-                        logp, entropy = sequence_logprobs(wrapped, [batch.prompts[i] for i in rows],
-                                                          batch.tokens[r].to(device), temperature, want_entropy=True,
-                                                          mask=batch.mask[r])
+                        logp, entropy = rows_logprobs(wrapped, batch, rows, temperature, device, want_entropy=True)
                     old_logp = logp.detach().float() if own_old else old_logprobs[r].to(device)
                     loss, s = policy_loss(
                         logp.float(), old_logp, advantages[r].to(device),
@@ -470,10 +447,6 @@ def update_policy(policy: Transformer, reference: Transformer | None, optimizer,
     times, ratios = zip(*dist.gather((t_ref, ratio_max_sampler)))
     out["time_reference"], out["ratio_max_sampler"] = max(times), max(ratios)
     return out
-
-
-def _micro(cfg: GRPOConfig, n: int) -> int:
-    return cfg.micro_batch if 0 < cfg.micro_batch < n else n
 
 
 def _split(order: list[int], parts: int) -> list[list[int]]:
@@ -535,27 +508,25 @@ def load_policy(cfg: GRPOConfig, device) -> tuple[Transformer, Transformer | Non
     return policy, reference
 
 
-def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[float, int]:
-    """This step's sampling temperature and group size: the schedule's, unless a curriculum stage
-    sets its own ("hotter late" in one line)."""
+def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[float, float, GRPOConfig]:
+    """This step's learning rate, sampling temperature and config: the schedules' and cfg, unless a
+    curriculum stage sets its own temperature or group size ("hotter late" in one line)."""
+    lr = lr_at(step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
+               kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     settings = sampler.stage_settings(step)
-    if "temperature" in settings:
-        temperature = settings["temperature"]
-    else:
-        temperature = temperature_at(step, cfg.steps, kind=cfg.temperature_schedule, start=cfg.temperature,
-                                     end=cfg.temperature if cfg.temperature_end is None else cfg.temperature_end,
-                                     stages=cfg.temperature_stages or None)
-    return temperature, settings.get("group_size", cfg.group_size)
+    temperature = settings["temperature"] if "temperature" in settings else cfg.scheduled_temperature(step)
+    G = settings.get("group_size", cfg.group_size)
+    return lr, temperature, cfg if G == cfg.group_size else dataclasses.replace(cfg, group_size=G)
 
 
 def sample_rollouts(policy: Transformer, tokenizer: Tokenizer, template: PromptTemplate, prompts: Prompts,
                     sampler: PromptSampler, scorer: RewardScorer, cfg: GRPOConfig, temperature: float,
                     generator: torch.Generator, dist: distributed.Dist, step: int
-                    ) -> tuple[Rollouts, list[Rollouts], int]:
+                    ) -> tuple[Rollouts, list[Rollouts], dict[str, float]]:
     """One step's rollouts, with dynamic sampling: a group whose rewards all agree has advantage 0
-    everywhere and teaches nothing, so "filter" drops it and "refill" also draws more prompts, up
+    everywhere and teaches nothing, so "drop" drops it and "refill" also draws more prompts, up
     to max_refill_rounds times, to replace it. Returns (all that was sampled, the groups kept, the
-    number dropped). cfg carries this step's group size."""
+    counts logged). cfg carries this step's group size."""
     G = cfg.group_size
     sampled, kept, n_zero = [], [], 0
     want = cfg.prompts_per_step
@@ -576,27 +547,42 @@ def sample_rollouts(policy: Transformer, tokenizer: Tokenizer, template: PromptT
         want -= len(ro.records)
         if want <= 0:
             break
-    return Rollouts.concat(sampled), kept, n_zero
+    everything = Rollouts.concat(sampled)
+    n = len(everything.records)
+    return everything, kept, {"zero_std_frac": n_zero / n, "groups_kept": sum(len(p.records) for p in kept),
+                              "groups_sampled": n, "samples": n * G}
 
 
-def restore(saved: dict, resume_from, sampler: PromptSampler, generator: torch.Generator,
-            reference: Transformer | None, scorer: RewardScorer, dist: distributed.Dist, log) -> None:
-    """Put back what a checkpoint saved besides the weights and the optimizer: the sampler's
-    state, each process's sampling stream, the reference model, the reward statistics."""
-    sampler.load_state_dict(saved["sampler"])
-    streams = saved.get("sample_rng", [])
-    if dist.rank < len(streams):
-        generator.set_state(streams[dist.rank])
-    if len(streams) != dist.world:
-        log(f"{resume_from} was saved by {len(streams)} process(es), this run has {dist.world}: sampling "
-            "streams without a saved state start afresh, so the run continues but not bit for bit")
-    if reference is not None and (resume_from / "reference").is_dir():
-        reference.load_state_dict(load_model(resume_from / "reference", device=dist.device).state_dict())
-    # Reward statistics (a model reward's running mean and std), one set per process since each
-    # scores its own groups; a process the saved run did not have starts from rank 0's.
-    reward_states = saved.get("reward_state", [])
-    if reward_states:
-        scorer.load_state_dict(reward_states[dist.rank if dist.rank < len(reward_states) else 0])
+def _pass_rates(ro: Rollouts, group_size: int) -> list[float]:
+    """Fraction of each group's completions judged correct (accuracy reward if present, else reward > 0)."""
+    values = ro.per_function.get("accuracy")
+    if values is None:
+        values = (ro.rewards > 0).float().tolist()
+    values = [0.0 if v is None else float(v) for v in values]
+    return [sum(values[g * group_size : (g + 1) * group_size]) / group_size for g in range(len(ro.records))]
+
+
+def step_metrics(ro: Rollouts) -> dict[str, float]:
+    """What a step's rollouts show: their rewards, in total and per function, and their lengths."""
+    lengths = ro.mask.sum(1)
+    row: dict[str, float] = {
+        "reward_mean": ro.rewards.mean().item(),
+        "reward_std": ro.rewards.std().item() if len(ro.rewards) > 1 else 0.0,
+        "len_mean": lengths.mean().item(),
+        "len_max": lengths.max().item(),
+        "truncated_frac": (~ro.finished).float().mean().item(),
+    }
+    for name, values in ro.per_function.items():
+        v = torch.tensor([0.0 if x is None else x for x in values])
+        row[f"reward_{name}_mean"] = v.mean().item()
+        row[f"reward_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
+    if "accuracy" in ro.per_function:
+        correct = torch.tensor([bool(x) for x in ro.per_function["accuracy"]])
+        if correct.any():
+            row["len_correct"] = lengths[correct].mean().item()
+        if (~correct).any():
+            row["len_wrong"] = lengths[~correct].mean().item()
+    return row
 
 
 @interrupt.stop_on_signals()
@@ -622,7 +608,8 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     weights, reward_fns = reward_setup(cfg, task, prompts.records, log)
     sampler = sampler or make_sampler(cfg, prompts.records)
     policy, reference = load_policy(cfg, device)
-    scorer = RewardScorer(weights, cfg.reward_mode, {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
+    scorer = RewardScorer(weights, cfg.reward_mode,
+                          {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
     if check is None and task is not None:
         check = lambda completion, item: task.check(completion, item.record)  # noqa: E731
     eval_items = [EvalItem(prompts.val_ids[prompt_key(r)], r["answer"], r.get("difficulty"), r)
@@ -631,21 +618,16 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
     trained, optimizer, saved = run.prepare(policy)
     step, best = saved.get("step", 0), saved.get("best_accuracy", -math.inf)
-    if run.resume_from is not None:
-        restore(saved, run.resume_from, sampler, generator, reference, scorer, dist, log)
+    run.restore_rollouts(saved, sampler, generator, scorer, reference)
     prompt_tokens = sum(len(prompts.ids[prompt_key(r)]) for r in prompts.records)
     run.begin(step, cfg.steps, f"{len(prompts.records):,} prompts ({prompt_tokens:,} prompt tokens), "
               f"{len(prompts.val_records):,} held-out; {cfg.steps - step} steps to run, {cfg.prompts_per_step} "
               f"prompts x {cfg.group_size} samples of up to {cfg.max_new_tokens} tokens each", policy)
 
     def save(name: str) -> None:
-        streams = dist.gather(generator.get_state())  # collectives: every process takes part
-        reward_states = dist.gather(scorer.state_dict())
-        path = run.save(name, policy, optimizer, tokenizer, {
-            "step": step, "sampler": sampler.state_dict(), "sample_rng": streams, "reward_state": reward_states,
-            "best_accuracy": best})
-        if path is not None and reference is not None and cfg.ref_reset_every:
-            save_model(reference, path / "reference")
+        state = run.rollout_state(sampler, generator, scorer)  # collectives: every process takes part
+        run.save(name, policy, optimizer, tokenizer, {"step": step, **state, "best_accuracy": best},
+                 reference=reference if cfg.ref_reset_every else None)  # else it is still --model
 
     def run_eval() -> dict:
         nonlocal best
@@ -669,35 +651,31 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
         last_eval = run_eval()
     while step < total:
         t0 = time.perf_counter()
-        temperature, G = step_settings(cfg, sampler, step)
-        step_cfg = cfg if G == cfg.group_size else dataclasses.replace(cfg, group_size=G)
-        lr = lr_at(step, base_lr=cfg.lr, total_steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
-                   kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+        lr, temperature, step_cfg = step_settings(cfg, sampler, step)
+        G = step_cfg.group_size
         set_lr(optimizer, lr)
         # 1. rollouts, with dynamic sampling
-        rollouts, kept, n_zero = sample_rollouts(policy, tokenizer, template, prompts, sampler, scorer, step_cfg,
+        rollouts, kept, counts = sample_rollouts(policy, tokenizer, template, prompts, sampler, scorer, step_cfg,
                                                  temperature, generator, dist, step)
-        # 2. update (skipped when every group was dropped: there is no signal to learn from)
-        tu = time.perf_counter()
+        # 2. advantages and the update (skipped when every group was dropped: there is no signal to learn from)
+        t1 = time.perf_counter()
         update_stats: dict = {}
         if kept:
             batch = Rollouts.concat(kept)
             advantages = group_advantages(batch.rewards, G, scale=cfg.adv_scale)
             update_stats = update_policy(policy, reference, optimizer, batch, advantages, step_cfg, temperature,
                                          device, dist=dist, wrapped=trained)
-        t_update = time.perf_counter() - tu
+        seconds = {**rollouts.seconds, "update": time.perf_counter() - t1}  # generate, score, update
         step += 1
         # A function of the step alone, so a resumed run resets at the same steps.
         if reference is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0:
             reference.load_state_dict(distributed.full_weights(policy))
         # 3. metrics, evaluation, checkpoints
-        row = step_metrics(rollouts)
-        row.update(kind="train", step=step, lr=lr, temperature=temperature, group_size=G,
-                   zero_std_frac=n_zero / len(rollouts.records), groups_kept=sum(len(p.records) for p in kept),
-                   groups_sampled=len(rollouts.records), samples=len(rollouts.records) * G, time_generate=rollouts.seconds["generate"],
-                   time_score=rollouts.seconds["score"], time_update=t_update, time_step=time.perf_counter() - t0,
-                   **update_stats, **{f"sampler_{k}": v for k, v in sampler.metrics().items()})
-        row["tok_per_s"] = rollouts.mask.sum().item() / row["time_step"]
+        seconds["step"] = time.perf_counter() - t0
+        row = {**step_metrics(rollouts), "kind": "train", "step": step, "lr": lr, "temperature": temperature,
+               "group_size": G, **counts, **{f"time_{k}": v for k, v in seconds.items()}, **update_stats,
+               **{f"sampler_{k}": v for k, v in sampler.metrics().items()},
+               "tok_per_s": rollouts.mask.sum().item() / seconds["step"]}
         if step % cfg.log_every == 0 or step == total:
             accuracy = {"acc": row["reward_accuracy_mean"]} if "reward_accuracy_mean" in row else {}
             log(run.progress.line(step, reward=row["reward_mean"], **accuracy, T=temperature, len=row["len_mean"],
@@ -707,34 +685,3 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
             last_eval = run_eval()
         total = run.end_step(step, total, save)
     return {**row, **last_eval}
-
-
-def _pass_rates(ro: Rollouts, group_size: int) -> list[float]:
-    """Fraction of each group's completions judged correct (accuracy reward if present, else reward > 0)."""
-    values = ro.per_function.get("accuracy")
-    if values is None:
-        values = (ro.rewards > 0).float().tolist()
-    values = [0.0 if v is None else float(v) for v in values]
-    return [sum(values[g * group_size : (g + 1) * group_size]) / group_size for g in range(len(ro.records))]
-
-
-def step_metrics(ro: Rollouts) -> dict[str, float]:
-    lengths = ro.mask.sum(1)
-    row: dict[str, float] = {
-        "reward_mean": ro.rewards.mean().item(),
-        "reward_std": ro.rewards.std().item() if len(ro.rewards) > 1 else 0.0,
-        "len_mean": lengths.mean().item(),
-        "len_max": lengths.max().item(),
-        "truncated_frac": (~ro.finished).float().mean().item(),
-    }
-    for name, values in ro.per_function.items():
-        v = torch.tensor([0.0 if x is None else x for x in values])
-        row[f"reward_{name}_mean"] = v.mean().item()
-        row[f"reward_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
-    if "accuracy" in ro.per_function:
-        correct = torch.tensor([bool(x) for x in ro.per_function["accuracy"]])
-        if correct.any():
-            row["len_correct"] = lengths[correct].mean().item()
-        if (~correct).any():
-            row["len_wrong"] = lengths[~correct].mean().item()
-    return row

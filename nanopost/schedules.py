@@ -25,7 +25,8 @@ policy trained is the one sampled):
                         stage's temperature from its boundary (inclusive) to the next one.
                         Boundaries are fractions of total_steps if every boundary is <= 1,
                         otherwise all are absolute step numbers; so a change at step 1 must be
-                        written as the fraction 1/total_steps.
+                        written as the fraction 1/total_steps. `stage_at` is the rule, the
+                        curriculum's stages follow it too.
 """
 
 from __future__ import annotations
@@ -114,20 +115,26 @@ def temperature_at(
     return anneal(step, total_steps, start, end, kind)
 
 
+def stage_at(step: float, total_steps: int, bounds: Sequence[float]) -> int:
+    """How many of the increasing stage boundaries `bounds` step has reached.
+
+    Boundaries are fractions of total_steps if every one is <= 1, otherwise all are absolute step
+    numbers: step s has reached boundary b when s / total_steps >= b (or s >= b). A curriculum's
+    stages end at their boundaries, so step s is in stage stage_at(s), the last past the last
+    boundary; a "stages" temperature schedule's begin at theirs, so s has the temperature of
+    boundary stage_at(s) - 1, and `start` before the first.
+    """
+    where = step / total_steps if all(b <= 1 for b in bounds) else step
+    return sum(where >= b for b in bounds)
+
+
 def _stage_value(step: int, total_steps: int, stages: Sequence[tuple[float, float]], start: float) -> float:
     bounds = [b for b, _ in stages]
-    if any(b < 0 for b in bounds):
+    if not all(b >= 0 for b in bounds):  # NaN too: no step would ever reach it
         raise ValueError(f"stage boundaries must be >= 0, got {bounds}")
-    if any(b2 < b1 for b1, b2 in zip(bounds, bounds[1:])):
+    if not all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:])):
         raise ValueError(f"stage boundaries must be in increasing order, got {bounds}")
-    if all(b <= 1 for b in bounds):
-        if total_steps < 1:
-            raise ValueError(f"fractional stage boundaries need total_steps >= 1, got {total_steps}")
-        where = min(max(step, 0), total_steps) / total_steps
-    else:
-        where = min(max(step, 0), max(total_steps, 0))
-    value = start
-    for boundary, temperature in stages:
-        if where >= boundary:
-            value = temperature
-    return float(value)
+    if all(b <= 1 for b in bounds) and total_steps < 1:
+        raise ValueError(f"fractional stage boundaries need total_steps >= 1, got {total_steps}")
+    step = min(max(step, 0), max(total_steps, 0))  # past the end: the last stage's value
+    return float([start, *(t for _, t in stages)][stage_at(step, total_steps, bounds)])

@@ -56,7 +56,7 @@ def test_staged_curriculum_sets_each_stages_prompts_and_temperature(task, tmp_pa
 
 
 def test_stage_list_reads_the_same_from_an_option_and_a_toml_file(tmp_path):
-    from nanopost.curriculum import stages_from_tables
+    from nanopost.plumbing.options import stages_from_tables
 
     toml = tmp_path / "run.toml"
     toml.write_text('curriculum = "staged"\n\n'

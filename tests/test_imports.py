@@ -185,8 +185,8 @@ def test_the_core_imports_no_tools():
 
 
 def test_the_plumbing_takes_nothing_from_the_core_but_the_model():
-    # It loads, saves and wraps the model; the checks that need tasks, curricula or schedules stay
-    # in the loops (GRPOConfig), so the options in plumbing/options.py need none of the core.
+    # It loads, saves and wraps the model; the checks that need the tasks or the schedules stay in
+    # the loops (GRPOConfig), so the options in plumbing/options.py need none of the core.
     graph = import_graph(PACKAGE_DIR)
     assert "nanopost.plumbing.options" in graph
     found = sorted((a, b) for a, targets in graph.items() if tier(a) == "plumbing"

@@ -133,6 +133,7 @@ def test_temperature_stages_as_absolute_steps():
     (dict(kind="stages"), "needs a non-empty list"),
     (dict(kind="linear", stages=[(0.5, 1.0)]), 'only with kind="stages"'),
     (dict(kind="stages", stages=[(0.6, 1.0), (0.5, 0.7)]), "increasing order"),
+    (dict(kind="stages", stages=[(float("nan"), 1.0)]), "must be >= 0"),  # a boundary no step reaches
     (dict(kind="exp"), "kind must be one of"),
 ])
 def test_temperature_rejects_bad_arguments(kwargs, message):

@@ -1,9 +1,10 @@
 """The options of the two training entry points, and the checks that need nothing but the options.
 
     SFTConfig                        scripts/sft.py: SFTOptions, then RunOptions
-    GRPOConfig (nanopost.grpo_loop)  scripts/grpo.py: GRPOOptions, then RunOptions; it adds the checks
-                                     that need the core (task names, curriculum and temperature
-                                     stages), which the plumbing does not import
+    GRPOConfig (nanopost.grpo_loop)  scripts/grpo.py: GRPOOptions, then RunOptions; it gives the task
+                                     names and adds the temperature schedule's check of its stages,
+                                     which need the core (the plumbing does not import it)
+    Stage                            a curriculum stage, as --curriculum-stages tables give them
 
 RunOptions are the options every run has with the same meaning and default; an option whose
 default differs between SFT and GRPO (out, lr, log_every, ...) is declared by each. A config
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .config import is_finite, require
+from .data_files import _is_number
 from .run import check_stop_on
 from .runtime import pick_device
 from .user_rewards import parse_spec
@@ -150,6 +152,8 @@ class GRPOOptions:
     resolved when the config is built (so the saved config.json shows the values used); a value
     given explicitly, on the command line, in a file or to the constructor, is always kept.
     """
+
+    task_names: ClassVar[tuple[str, ...]] = ()  # what --task may name: GRPOConfig gives the core's tasks
 
     model: str = field(default="", metadata={"help": "HF checkpoint directory of the policy to start from"})
     train: str = field(default="", metadata={"help": "RL JSONL: {prompt|question, answer, difficulty?, id?}"})
@@ -321,6 +325,9 @@ class GRPOOptions:
         if self.overlong_buffer > 0 and "overlong" in self.rewards:
             raise ValueError("--rewards may not name 'overlong' while --overlong-buffer is on: that is "
                              "the name of the length penalty's own reward term")
+        if self.task is not None and self.task not in self.task_names:
+            raise ValueError(f"--task must be one of {', '.join(self.task_names)}, got {self.task!r}")
+        self._check_stages()
 
     def _check_rewards(self) -> None:
         own = [parse_spec(spec) for spec in self.reward_fn]
@@ -361,5 +368,118 @@ class GRPOOptions:
         )
 
 
+    def _check_stages(self) -> None:
+        """The stages as the sampler will read them, and the rows a stage's own group size leaves
+        the update to split into --minibatches."""
+        try:
+            stages = stages_from_tables(self.curriculum_stages)
+        except ValueError as e:
+            raise ValueError(f"--curriculum-stages: {e}") from None
+        for i, g in enumerate(stage.group_size for stage in stages):
+            if g is not None and self.minibatches > self.prompts_per_step * g:
+                raise ValueError(f"--curriculum-stages: stage {i}: group_size {g} gives {self.prompts_per_step * g} "
+                                 f"rows a step, fewer than --minibatches {self.minibatches}")
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+# ---------------------------------------------------------------- curriculum stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of a curriculum (nanopost/curriculum.py): which prompts, and optionally the
+    temperature and group size.
+
+    `until` ends the stage. If every stage's `until` is <= 1 they are fractions of total_steps
+    and step s belongs to the first stage with s / total_steps < until; otherwise all are
+    absolute step numbers and s belongs to the first stage with s < until. Steps past the last
+    boundary stay in the last stage. The rule is nanopost.schedules.stage_at, which a "stages"
+    temperature schedule follows too, so one built from the same boundaries changes at the same
+    steps.
+
+    A prompt is in the stage when its difficulty lies in [min_difficulty, max_difficulty] and
+    between the `quantiles` (lo, hi) of all prompts' difficulties, bounds included; None means
+    no bound.
+    """
+
+    until: float
+    min_difficulty: float | None = None
+    max_difficulty: float | None = None
+    quantiles: tuple[float, float] | None = None
+    temperature: float | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        # Refused here rather than at the first sampling step of the stage, which may be hours in.
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"Stage(until={self.until}): temperature must be > 0 to sample GRPO groups "
+                             f"(greedy groups have zero variance, so no advantage), got {self.temperature}")
+
+    @property
+    def filters(self) -> bool:
+        return self.min_difficulty is not None or self.max_difficulty is not None or self.quantiles is not None
+
+
+STAGE_KEYS = ("until", "levels", "min_difficulty", "max_difficulty", "quantiles", "temperature", "group_size")
+
+
+def stages_from_tables(tables: Sequence[Mapping[str, Any]]) -> list[Stage]:
+    """`Stage`s from plain tables, as a config file or option writes them:
+
+        [{until = 0.5, levels = [1, 3], temperature = 0.8}, {until = 1.0, temperature = 1.0}]
+
+    Keys are Stage's fields; `levels = [lo, hi]` is min_difficulty and max_difficulty in one.
+    Every rule the sampler applies to its stages is checked here (`check_stages`), so a bad stage
+    is refused when the options are read. Errors say which stage ("stage 1: ...").
+    """
+    stages = []
+    for i, table in enumerate(tables):
+        if not isinstance(table, Mapping):
+            raise ValueError(f"stage {i}: expected a table such as {{until = 0.5, levels = [1, 3]}}, got {table!r}")
+        unknown = [k for k in table if k not in STAGE_KEYS]
+        if unknown:
+            raise ValueError(f"stage {i}: unknown key {unknown[0]!r}; expected {', '.join(STAGE_KEYS)}")
+        if "until" not in table:
+            raise ValueError(f"stage {i}: missing `until`, where the stage ends (a fraction of the steps, or a step)")
+        kw = {k: v for k, v in table.items() if k != "levels"}
+        if "levels" in table:
+            levels = table["levels"]
+            if "min_difficulty" in table or "max_difficulty" in table:
+                raise ValueError(f"stage {i}: give `levels` or min_difficulty/max_difficulty, not both")
+            if not isinstance(levels, (list, tuple)) or len(levels) != 2:
+                raise ValueError(f"stage {i}: levels must be [lo, hi], got {levels!r}")
+            kw["min_difficulty"], kw["max_difficulty"] = levels
+        if kw.get("quantiles") is not None:
+            kw["quantiles"] = tuple(kw["quantiles"])
+        for key, value in kw.items():  # TOML gives numbers; a string or a bool here is a typo
+            ok = value is None or (isinstance(value, tuple) and key == "quantiles" and len(value) == 2
+                                   and all(_is_number(v) for v in value)) or _is_number(value)
+            if not ok or (key == "group_size" and value is not None and not float(value).is_integer()):
+                raise ValueError(f"stage {i}: {key} must be a number, got {value!r}")
+        if kw.get("group_size") is not None:
+            kw["group_size"] = int(kw["group_size"])
+        try:
+            stages.append(Stage(**kw))
+        except ValueError as e:
+            raise ValueError(f"stage {i}: {e}") from None
+    check_stages(stages)
+    return stages
+
+
+def check_stages(stages: Sequence[Stage]) -> list[float]:
+    """The stages' boundaries, after checking that they increase and each stage's ranges."""
+    bounds = [float(s.until) for s in stages]
+    if not all(b > 0 for b in bounds) or not all(b2 > b1 for b1, b2 in zip(bounds, bounds[1:])):  # NaN too
+        raise ValueError(f"stage boundaries `until` must be > 0 and strictly increasing, got {bounds}")
+    for i, s in enumerate(stages):
+        if s.quantiles is not None and not 0.0 <= s.quantiles[0] <= s.quantiles[1] <= 1.0:
+            raise ValueError(f"stage {i}: quantiles must be (lo, hi) with 0 <= lo <= hi <= 1, got {s.quantiles}")
+        if (s.min_difficulty is not None and s.max_difficulty is not None
+                and s.min_difficulty > s.max_difficulty):
+            raise ValueError(f"stage {i}: its difficulty range [{s.min_difficulty}, {s.max_difficulty}] is empty")
+        if s.group_size is not None and s.group_size < 2:
+            raise ValueError(f"stage {i}: group_size must be >= 2, got {s.group_size}")
+    return bounds

@@ -3,6 +3,7 @@
     run = Run(cfg, log, monitor)         # processes, seed, the run directory, the checkpoint to resume
     tokenizer = run.load_tokenizer()     # --model's, in --chat-format; logs the tokens sampling stops on
     trained, optimizer, saved = run.prepare(model)   # its weights and optimizer state, DDP / FSDP2
+    run.restore_rollouts(saved, sampler, generator, scorer, reference)   # GRPO: what rollouts continue from
     run.begin(step, total, data, model)  # the start-of-run summary, metrics.jsonl, the live monitor
     while step < total:
         ... one step ...
@@ -10,7 +11,8 @@
         total = run.end_step(step, total, save)   # Ctrl-C / SIGTERM, --stop-on, --max-seconds, checkpoints
 
 `save(name)` is the loop's own: it gathers what its checkpoint holds besides the weights and the
-optimizer, and hands it to `run.save(name, model, optimizer, tokenizer, extra)`.
+optimizer (GRPO's includes `run.rollout_state(...)`), and hands it to
+`run.save(name, model, optimizer, tokenizer, extra)`.
 
 `monitor` watches the rows as they come (the scripts pass nanopost.tools.monitor.LiveMonitor): it
 is called as monitor(stop_on=..., log=..., history=...) and what it returns has observe(row),
@@ -29,7 +31,7 @@ import torch
 from ..model import Transformer
 from . import distributed, interrupt
 from .config import save_config
-from .hf_io import load_tokenizer
+from .hf_io import load_model, load_tokenizer, save_model
 from .metrics import MetricsLogger, Progress, read_metrics
 from .run_dir import check_resume_config, check_writable, clear_run, describe_run, refuse_if_held
 from .run_summary import stop_tokens_line, summary_lines
@@ -184,16 +186,48 @@ class Run:
         return prepare_training(model, self.cfg, self.dist, self.resume_from)
 
     def save(self, name: str, model: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
-             extra: dict[str, Any]) -> Path | None:
-        """Write checkpoint `name` (checkpoints/NAME: whole weights, optimizer, tokenizer, `extra`).
-        Every process calls it, since gathering FSDP2 shards is a collective; rank 0 alone writes,
-        and gets the checkpoint's path back (the others None)."""
+             extra: dict[str, Any], reference: Transformer | None = None) -> Path | None:
+        """Write checkpoint `name` (checkpoints/NAME: whole weights, optimizer, tokenizer, `extra`, and
+        a `reference` model given in NAME/reference). Every process calls it, since gathering FSDP2
+        shards is a collective; rank 0 alone writes, and gets the checkpoint's path back (the others None)."""
         whole = distributed.full_state(model, optimizer, self.dist)
         if not self.dist.main:
             return None
         path = checkpoint_path(self.dir, name)
         save_checkpoint(path, model=whole[0], tokenizer=tokenizer, optimizer=whole[1], extra=extra)
+        if reference is not None:
+            save_model(reference, path / "reference")
         return path
+
+    # -- what GRPO's rollouts continue from: the sampler's state, each process's sampling stream and
+    # reward statistics (a model reward's running mean and std), the KL reference once it has moved
+
+    def rollout_state(self, sampler: Any, generator: torch.Generator, scorer: Any) -> dict[str, Any]:
+        """The entries of a GRPO checkpoint's `extra` that `restore_rollouts` reads. Every process calls
+        it (each holds its own stream and, scoring its own groups, its own reward statistics)."""
+        streams = self.dist.gather(generator.get_state())
+        reward_states = self.dist.gather(scorer.state_dict())
+        return {"sampler": sampler.state_dict(), "sample_rng": streams, "reward_state": reward_states}
+
+    def restore_rollouts(self, saved: dict[str, Any], sampler: Any, generator: torch.Generator, scorer: Any,
+                         reference: Transformer | None) -> None:
+        """Put back what `rollout_state` and `save(reference=)` saved, when the run resumes. A process
+        the saved run did not have starts its stream afresh and its reward statistics from rank 0's."""
+        if self.resume_from is None:
+            return
+        rank, world = self.dist.rank, self.dist.world
+        sampler.load_state_dict(saved["sampler"])
+        streams = saved.get("sample_rng", [])
+        if rank < len(streams):
+            generator.set_state(streams[rank])
+        if len(streams) != world:
+            self.log(f"{self.resume_from} was saved by {len(streams)} process(es), this run has {world}: sampling "
+                     "streams without a saved state start afresh, so the run continues but not bit for bit")
+        if reference is not None and (self.resume_from / "reference").is_dir():
+            reference.load_state_dict(load_model(self.resume_from / "reference", device=self.device).state_dict())
+        reward_states = saved.get("reward_state", [])
+        if reward_states:
+            scorer.load_state_dict(reward_states[rank if rank < len(reward_states) else 0])
 
     def begin(self, step: int, total: int, data: str, model: Transformer) -> None:
         """Say what the run is about to do, open metrics.jsonl and start watching."""
