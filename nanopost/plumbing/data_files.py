@@ -67,7 +67,7 @@ def _json_type(value: Any) -> str:
     return "a number" if isinstance(value, (int, float)) else type(value).__name__
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     # JSON true/false arrive as bool, which Python counts as int; they are not numbers here.
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -218,7 +218,7 @@ def _rl_sample(record: dict, where: str, default_id: str) -> dict:
     if "answer" not in record:
         raise DataError(f'{where}: missing field "answer"')
     answer = record["answer"]
-    if not (isinstance(answer, str) or _is_number(answer)):
+    if not (isinstance(answer, str) or is_number(answer)):
         got = _json_type(answer)
         raise DataError(f'{where}: field "answer" must be a string or a finite number, got {got}')
     answer = str(answer)
@@ -232,7 +232,7 @@ def _rl_sample(record: dict, where: str, default_id: str) -> dict:
 
     difficulty = record.get("difficulty")
     if difficulty is not None:
-        if not _is_number(difficulty):
+        if not is_number(difficulty):
             got = _json_type(difficulty)
             raise DataError(f'{where}: field "difficulty" must be a finite number, got {got}')
         difficulty = float(difficulty)

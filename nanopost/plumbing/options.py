@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from .chat_template import CHAT_FORMAT_HELP, ChatFormatName
 from .config import is_finite, require
-from .data_files import _is_number
+from .data_files import is_number
 from .run import check_stop_on
 from .runtime import pick_device
 from .user_rewards import parse_spec
@@ -456,7 +456,7 @@ def stages_from_tables(tables: Sequence[Mapping[str, Any]]) -> list[Stage]:
             kw["quantiles"] = tuple(kw["quantiles"])
         for key, value in kw.items():  # TOML gives numbers; a string or a bool here is a typo
             ok = value is None or (isinstance(value, tuple) and key == "quantiles" and len(value) == 2
-                                   and all(_is_number(v) for v in value)) or _is_number(value)
+                                   and all(is_number(v) for v in value)) or is_number(value)
             if not ok or (key == "group_size" and value is not None and not float(value).is_integer()):
                 raise ValueError(f"stage {i}: {key} must be a number, got {value!r}")
         if kw.get("group_size") is not None:

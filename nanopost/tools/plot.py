@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..plumbing.data_files import is_number
 from ..plumbing.metrics import read_metrics
 
 MISSING = "matplotlib is needed for plots: pip install matplotlib, or the plot extra (pip install -e '.[plot]')"
@@ -87,10 +88,10 @@ def group_runs(names: Sequence[str], groups: Mapping[str, Sequence[str]] | None 
 def metric_names(rows: Sequence[Mapping[str, Any]], kind: str, pattern: str) -> list[str]:
     """Names in rows of `kind` matching `pattern` (exact, or with one `*` wildcard)."""
     if "*" not in pattern:
-        return [pattern] if any(r.get("kind") == kind and _is_number(r.get(pattern)) for r in rows) else []
+        return [pattern] if any(r.get("kind") == kind and is_number(r.get(pattern)) for r in rows) else []
     head, tail = pattern.split("*", 1)
     found = {k for r in rows if r.get("kind") == kind for k, v in r.items()
-             if k.startswith(head) and k.endswith(tail) and len(k) > len(head) + len(tail) and _is_number(v)}
+             if k.startswith(head) and k.endswith(tail) and len(k) > len(head) + len(tail) and is_number(v)}
     return sorted(found - {"reward_mean"})
 
 
@@ -104,14 +105,14 @@ def series(rows: Sequence[Mapping[str, Any]], kind: str, name: str, x: str = "st
     """(x, values) of one metric; a step logged twice (a resumed run) keeps its last value."""
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
-    start = min((float(r["time"]) for r in rows if _is_number(r.get("time"))), default=0.0)
+    start = min((float(r["time"]) for r in rows if is_number(r.get("time"))), default=0.0)
     by_step: dict[float, float] = {}
     at: dict[float, float] = {}
     for r in rows:
-        if r.get("kind") == kind and _is_number(r.get(name)):
+        if r.get("kind") == kind and is_number(r.get(name)):
             step = float(r.get("step", 0))
             by_step[step] = float(r[name])
-            at[step] = (float(r["time"]) - start) / 60 if _is_number(r.get("time")) else math.nan
+            at[step] = (float(r["time"]) - start) / 60 if is_number(r.get("time")) else math.nan
     steps = np.array(sorted(by_step))
     if x == "samples":
         return samples_seen(rows, steps), np.array([by_step[s] for s in steps])
@@ -122,7 +123,7 @@ def series(rows: Sequence[Mapping[str, Any]], kind: str, name: str, x: str = "st
 def samples_seen(rows: Sequence[Mapping[str, Any]], steps: np.ndarray) -> np.ndarray:
     """Samples trained on up to and including each of `steps`, from the train rows' `samples`."""
     per_step = {float(r.get("step", 0)): float(r["samples"]) for r in rows
-                if r.get("kind") == "train" and _is_number(r.get("samples"))}
+                if r.get("kind") == "train" and is_number(r.get("samples"))}
     if not per_step:
         raise ValueError("metrics.jsonl has no 'samples' column (a run logged before it was added): "
                          "plot it by step or minutes")
@@ -154,10 +155,6 @@ def ema(values: np.ndarray, weight: float) -> np.ndarray:
         avg = weight * avg + (1 - weight) * v
         out[i] = avg / (1 - weight ** (i + 1))
     return out
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def run_names(run_dirs: Sequence[str | os.PathLike]) -> list[str]:

@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 from ..data import tokenize_chat
 from ..model import ModelConfig, Transformer
-from ..plumbing.data_files import _is_number, _json_type, DataError, read_jsonl
+from ..plumbing.data_files import DataError, _json_type, is_number, read_jsonl
 from ..plumbing.files import read_json, write_atomic
 from ..plumbing.hf_io import DTYPES, INDEX_FILE, SINGLE_FILE, config_from_hf, config_to_hf, read_tensors, weight_files
 from ..plumbing.runtime import autocast, make_optimizer
@@ -308,7 +308,7 @@ def _strings(record: dict, where: str, names: tuple[str, ...]) -> None:
 
 
 def _number(record: dict, where: str, name: str) -> float:
-    if not _is_number(record[name]):
+    if not is_number(record[name]):
         raise DataError(f'{where}: field "{name}" must be a finite number, got {_json_type(record[name])}')
     return float(record[name])
 
