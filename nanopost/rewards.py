@@ -36,7 +36,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 
-from nanopost.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
+from nanopost.plumbing.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
 
 __all__ = [
     "extract_answer", "parse_number", "answers_match", "accuracy_reward", "format_reward", "thinking_reward",

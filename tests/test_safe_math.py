@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from nanopost.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
+from nanopost.plumbing.safe_math import applies_identity, evaluate, normalize_operators, safe_eval
 from nanopost.tasks.countdown import countdown_reward, reaches_target
 
 

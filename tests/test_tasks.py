@@ -10,7 +10,7 @@ import pytest
 
 from nanopost.plumbing.data_files import load_rl
 from nanopost.rewards import _equations, format_reward, parse_number
-from nanopost.safe_math import safe_eval
+from nanopost.plumbing.safe_math import safe_eval
 from nanopost.tasks import ArithmeticTask, CountdownTask, GSM8KTask, get_task, write_jsonl
 from nanopost.tasks.countdown import countdown_reward
 from nanopost.tasks.gsm8k import load_gsm8k, parse_solution

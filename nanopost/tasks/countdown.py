@@ -32,7 +32,7 @@ from fractions import Fraction
 from typing import Iterable, Sequence
 
 from nanopost.rewards import extract_answer
-from nanopost.safe_math import evaluate, normalize_operators, safe_eval
+from nanopost.plumbing.safe_math import evaluate, normalize_operators, safe_eval
 from nanopost.tasks.base import GeneratedTask
 
 # level -> (how many numbers, the range of the largest one)

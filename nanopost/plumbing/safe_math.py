@@ -11,8 +11,7 @@ else give None. Inputs are bounded before parsing (length, literal size, nesting
 expression can hang or exhaust memory: without powers the value of a 256-character expression has at
 most a few hundred digits. Arithmetic is exact (`fractions.Fraction`): 1/3 * 3 == 1, and 0.1 + 0.2 ==
 0.3 because decimal literals are read as exact decimals, not floats. Division by zero gives None.
-This module imports nothing from the package: the rewards and the Countdown task's check
-(tasks/countdown.py) build on it, not the other way round.
+It imports nothing from the package: the core's rewards and the Countdown task's check build on it.
 """
 
 from __future__ import annotations
