@@ -508,6 +508,61 @@ def load_policy(cfg: GRPOConfig, device) -> tuple[Transformer, Transformer | Non
     return policy, reference
 
 
+@dataclass
+class GRPOState:
+    """What a GRPO run builds before its first step (`start`), and what its steps carry on."""
+
+    cfg: GRPOConfig
+    run: Run
+    tokenizer: Tokenizer
+    template: PromptTemplate
+    prompts: Prompts
+    sampler: PromptSampler
+    scorer: RewardScorer
+    policy: Transformer
+    reference: Transformer | None  # the frozen KL reference (beta > 0)
+    trained: torch.nn.Module  # what the update trains through: the policy, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # this process's sampling stream
+    eval_items: list[EvalItem]
+    check: Callable  # (completion, EvalItem) -> correct?
+    step: int = 0  # steps done
+    best: float = -math.inf  # the best held-out accuracy so far
+
+
+def start(cfg: GRPOConfig, log, monitor, sampler: PromptSampler | None, extra_rewards: dict[str, Callable] | None,
+          check: Callable | None) -> GRPOState:
+    """Everything before step 1, the cheap parts first: the prompts are read and rendered, and the
+    rewards and the sampler built from them, before the model loads, so a bad line, stage or reward
+    function costs no time. A resumed run gets back its step, sampler, streams and reward statistics."""
+    run = Run(cfg, log, monitor)
+    tokenizer = run.load_tokenizer()
+    template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
+    prompts = load_prompts(cfg, tokenizer, template)
+    task = get_task(cfg.task) if cfg.task else None
+    weights, reward_fns = reward_setup(cfg, task, prompts.records, run.log)
+    sampler = sampler or make_sampler(cfg, prompts.records)
+    policy, reference = load_policy(cfg, run.device)
+    scorer = RewardScorer(weights, cfg.reward_mode,
+                          {**reward_fns, **model_rewards(cfg, run.device), **(extra_rewards or {})})
+    if check is None and task is not None:
+        check = lambda completion, item: task.check(completion, item.record)  # noqa: E731
+    eval_items = [EvalItem(prompts.val_ids[prompt_key(r)], r["answer"], r.get("difficulty"), r)
+                  for r in prompts.val_records]
+    # Each process samples its own completions; rank 0's stream is the single-process one.
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed + 1_000_003 * run.dist.rank)
+    trained, optimizer, saved = run.prepare(policy)
+    s = GRPOState(cfg, run, tokenizer, template, prompts, sampler, scorer, policy, reference, trained, optimizer,
+                  generator, eval_items, check or default_check, saved.get("step", 0),
+                  saved.get("best_accuracy", -math.inf))
+    run.restore_rollouts(saved, sampler, generator, scorer, reference)
+    prompt_tokens = sum(len(prompts.ids[prompt_key(r)]) for r in prompts.records)
+    run.begin(s.step, cfg.steps, f"{len(prompts.records):,} prompts ({prompt_tokens:,} prompt tokens), "
+              f"{len(prompts.val_records):,} held-out; {cfg.steps - s.step} steps to run, {cfg.prompts_per_step} "
+              f"prompts x {cfg.group_size} samples of up to {cfg.max_new_tokens} tokens each", policy)
+    return s
+
+
 def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[float, float, GRPOConfig]:
     """This step's learning rate, sampling temperature and config: the schedules' and cfg, unless a
     curriculum stage sets its own temperature or group size ("hotter late" in one line)."""
@@ -519,9 +574,7 @@ def step_settings(cfg: GRPOConfig, sampler: PromptSampler, step: int) -> tuple[f
     return lr, temperature, cfg if G == cfg.group_size else dataclasses.replace(cfg, group_size=G)
 
 
-def sample_rollouts(policy: Transformer, tokenizer: Tokenizer, template: PromptTemplate, prompts: Prompts,
-                    sampler: PromptSampler, scorer: RewardScorer, cfg: GRPOConfig, temperature: float,
-                    generator: torch.Generator, dist: distributed.Dist, step: int
+def sample_rollouts(s: GRPOState, cfg: GRPOConfig, temperature: float
                     ) -> tuple[Rollouts, list[Rollouts], dict[str, float]]:
     """One step's rollouts, with dynamic sampling: a group whose rewards all agree has advantage 0
     everywhere and teaches nothing, so "drop" drops it and "refill" also draws more prompts, up
@@ -531,12 +584,13 @@ def sample_rollouts(policy: Transformer, tokenizer: Tokenizer, template: PromptT
     sampled, kept, n_zero = [], [], 0
     want = cfg.prompts_per_step
     for _ in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling == "refill" else 0)):
-        records = sampler.sample(want, step)
+        records = s.sampler.sample(want, s.step)
         # Rendered at the start; a sampler given by the caller may hold prompts of its own.
-        prompt_ids = [prompts.ids.get(prompt_key(r)) or tokenize_prompt(tokenizer, template.record_messages(r))
+        prompt_ids = [s.prompts.ids.get(prompt_key(r)) or tokenize_prompt(s.tokenizer, s.template.record_messages(r))
                       for r in records]
-        ro = collect_global(policy, tokenizer, records, prompt_ids, scorer, cfg, temperature, generator, dist)
-        sampler.update(records, _pass_rates(ro, G), step)
+        ro = collect_global(s.policy, s.tokenizer, records, prompt_ids, s.scorer, cfg, temperature, s.generator,
+                            s.run.dist)
+        s.sampler.update(records, _pass_rates(ro, G), s.step)
         zero = zero_variance_groups(ro.rewards, G)
         n_zero += sum(zero)
         sampled.append(ro)
@@ -585,6 +639,42 @@ def step_metrics(ro: Rollouts) -> dict[str, float]:
     return row
 
 
+def save(s: GRPOState, name: str) -> None:
+    """Checkpoint `name`: the weights, the optimizer and all the rollouts continue from. Every
+    process calls it (gathering the weights and the sampling streams are collectives)."""
+    state = s.run.rollout_state(s.sampler, s.generator, s.scorer)
+    s.run.save(name, s.policy, s.optimizer, s.tokenizer, {"step": s.step, **state, "best_accuracy": s.best},
+               reference=s.reference if s.cfg.ref_reset_every else None)  # else it is still --model
+
+
+def held_out_eval(s: GRPOState) -> dict:
+    """Accuracy on the held-out prompts, logged and recorded; `best` is saved when it beats every
+    earlier evaluation."""
+    cfg, dist = s.cfg, s.run.dist
+    with distributed.gathered(s.policy):
+        res = evaluate(s.policy, s.tokenizer, s.eval_items, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_k,
+                       temperature=cfg.eval_temperature, check=s.check, seed=cfg.seed, dist=dist, log=s.run.log)
+    row = {"kind": "eval", "step": s.step, **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
+    row.update({f"accuracy_level_{k}": v for k, v in res["per_difficulty"].items()})
+    s.run.record(row)
+    s.run.log(f"eval step {s.step}: accuracy {res['accuracy']:.3f} [{res['accuracy_lo']:.3f}, "
+              f"{res['accuracy_hi']:.3f}]" + (f", avg@{cfg.eval_k} {res[f'avg@{cfg.eval_k}']:.3f}" if cfg.eval_k else ""))
+    if dist.broadcast(res["accuracy"] > s.best):
+        s.best = res["accuracy"]
+        if s.step > 0:  # the evaluation before step 1 only sets the bar: that model is --model itself
+            save(s, "best")
+    return row
+
+
+def record_step(s: GRPOState, row: dict, total: int) -> None:
+    """A step's metrics row, to metrics.jsonl and the monitor, and its progress line every --log-every steps."""
+    if s.step % s.cfg.log_every == 0 or s.step == total:
+        accuracy = {"acc": row["reward_accuracy_mean"]} if "reward_accuracy_mean" in row else {}
+        s.run.log(s.run.progress.line(s.step, reward=row["reward_mean"], **accuracy, T=row["temperature"],
+                                      len=row["len_mean"], zero_std=row["zero_std_frac"], tok_per_s=row["tok_per_s"]))
+    s.run.record(row)
+
+
 @interrupt.stop_on_signals()
 def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=print,
                extra_rewards: dict[str, Callable] | None = None, check: Callable | None = None,
@@ -597,91 +687,37 @@ def train_grpo(cfg: GRPOConfig, *, sampler: PromptSampler | None = None, log=pri
     held-out evaluation's accuracy beats every earlier one. monitor: what watches the metrics as
     they come (plumbing/run.py; the script passes LiveMonitor).
     """
-    run = Run(cfg, log, monitor)
-    log, dist, device = run.log, run.dist, run.device
-    tokenizer = run.load_tokenizer()
-    template = PromptTemplate(instruction=cfg.instruction, system=cfg.system, reasoning=cfg.reasoning)
-    prompts = load_prompts(cfg, tokenizer, template)
-    # Rewards and the sampler come from the data before the model loads: a bad stage or reward
-    # function costs no time.
-    task = get_task(cfg.task) if cfg.task else None
-    weights, reward_fns = reward_setup(cfg, task, prompts.records, log)
-    sampler = sampler or make_sampler(cfg, prompts.records)
-    policy, reference = load_policy(cfg, device)
-    scorer = RewardScorer(weights, cfg.reward_mode,
-                          {**reward_fns, **model_rewards(cfg, device), **(extra_rewards or {})})
-    if check is None and task is not None:
-        check = lambda completion, item: task.check(completion, item.record)  # noqa: E731
-    eval_items = [EvalItem(prompts.val_ids[prompt_key(r)], r["answer"], r.get("difficulty"), r)
-                  for r in prompts.val_records]
-    # Each process samples its own completions; rank 0's stream is the single-process one.
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * dist.rank)
-    trained, optimizer, saved = run.prepare(policy)
-    step, best = saved.get("step", 0), saved.get("best_accuracy", -math.inf)
-    run.restore_rollouts(saved, sampler, generator, scorer, reference)
-    prompt_tokens = sum(len(prompts.ids[prompt_key(r)]) for r in prompts.records)
-    run.begin(step, cfg.steps, f"{len(prompts.records):,} prompts ({prompt_tokens:,} prompt tokens), "
-              f"{len(prompts.val_records):,} held-out; {cfg.steps - step} steps to run, {cfg.prompts_per_step} "
-              f"prompts x {cfg.group_size} samples of up to {cfg.max_new_tokens} tokens each", policy)
-
-    def save(name: str) -> None:
-        state = run.rollout_state(sampler, generator, scorer)  # collectives: every process takes part
-        run.save(name, policy, optimizer, tokenizer, {"step": step, **state, "best_accuracy": best},
-                 reference=reference if cfg.ref_reset_every else None)  # else it is still --model
-
-    def run_eval() -> dict:
-        nonlocal best
-        with distributed.gathered(policy):
-            res = evaluate(policy, tokenizer, eval_items, max_new_tokens=cfg.max_new_tokens, k=cfg.eval_k,
-                           temperature=cfg.eval_temperature, check=check or default_check, seed=cfg.seed, dist=dist,
-                           log=log)
-        row = {"kind": "eval", "step": step, **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
-        row.update({f"accuracy_level_{k}": v for k, v in res["per_difficulty"].items()})
-        run.record(row)
-        log(f"eval step {step}: accuracy {res['accuracy']:.3f} [{res['accuracy_lo']:.3f}, {res['accuracy_hi']:.3f}]"
-            + (f", avg@{cfg.eval_k} {res[f'avg@{cfg.eval_k}']:.3f}" if cfg.eval_k else ""))
-        if dist.broadcast(res["accuracy"] > best):
-            best = res["accuracy"]
-            if step > 0:  # the evaluation before step 1 only sets the bar: that model is --model itself
-                save("best")
-        return row
-
+    s = start(cfg, log, monitor, sampler, extra_rewards, check)
     total, last_eval, row = cfg.steps, {}, {}
-    if eval_items and step == 0 and cfg.eval_every:
-        last_eval = run_eval()
-    while step < total:
+    if s.eval_items and s.step == 0 and cfg.eval_every:
+        last_eval = held_out_eval(s)
+    while s.step < total:
         t0 = time.perf_counter()
-        lr, temperature, step_cfg = step_settings(cfg, sampler, step)
-        G = step_cfg.group_size
-        set_lr(optimizer, lr)
+        lr, temperature, step_cfg = step_settings(cfg, s.sampler, s.step)
+        set_lr(s.optimizer, lr)
         # 1. rollouts, with dynamic sampling
-        rollouts, kept, counts = sample_rollouts(policy, tokenizer, template, prompts, sampler, scorer, step_cfg,
-                                                 temperature, generator, dist, step)
+        rollouts, kept, counts = sample_rollouts(s, step_cfg, temperature)
         # 2. advantages and the update (skipped when every group was dropped: there is no signal to learn from)
         t1 = time.perf_counter()
         update_stats: dict = {}
         if kept:
             batch = Rollouts.concat(kept)
-            advantages = group_advantages(batch.rewards, G, scale=cfg.adv_scale)
-            update_stats = update_policy(policy, reference, optimizer, batch, advantages, step_cfg, temperature,
-                                         device, dist=dist, wrapped=trained)
+            advantages = group_advantages(batch.rewards, step_cfg.group_size, scale=cfg.adv_scale)
+            update_stats = update_policy(s.policy, s.reference, s.optimizer, batch, advantages, step_cfg, temperature,
+                                         s.run.device, dist=s.run.dist, wrapped=s.trained)
         seconds = {**rollouts.seconds, "update": time.perf_counter() - t1}  # generate, score, update
-        step += 1
+        s.step += 1
         # A function of the step alone, so a resumed run resets at the same steps.
-        if reference is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0:
-            reference.load_state_dict(distributed.full_weights(policy))
+        if s.reference is not None and cfg.ref_reset_every and s.step % cfg.ref_reset_every == 0:
+            s.reference.load_state_dict(distributed.full_weights(s.policy))
         # 3. metrics, evaluation, checkpoints
         seconds["step"] = time.perf_counter() - t0
-        row = {**step_metrics(rollouts), "kind": "train", "step": step, "lr": lr, "temperature": temperature,
-               "group_size": G, **counts, **{f"time_{k}": v for k, v in seconds.items()}, **update_stats,
-               **{f"sampler_{k}": v for k, v in sampler.metrics().items()},
+        row = {**step_metrics(rollouts), "kind": "train", "step": s.step, "lr": lr, "temperature": temperature,
+               "group_size": step_cfg.group_size, **counts, **{f"time_{k}": v for k, v in seconds.items()},
+               **update_stats, **{f"sampler_{k}": v for k, v in s.sampler.metrics().items()},
                "tok_per_s": rollouts.mask.sum().item() / seconds["step"]}
-        if step % cfg.log_every == 0 or step == total:
-            accuracy = {"acc": row["reward_accuracy_mean"]} if "reward_accuracy_mean" in row else {}
-            log(run.progress.line(step, reward=row["reward_mean"], **accuracy, T=temperature, len=row["len_mean"],
-                                  zero_std=row["zero_std_frac"], tok_per_s=row["tok_per_s"]))
-        run.record(row)
-        if eval_items and run.eval_due(step, total):
-            last_eval = run_eval()
-        total = run.end_step(step, total, save)
+        record_step(s, row, total)
+        if s.eval_items and s.run.eval_due(s.step, total):
+            last_eval = held_out_eval(s)
+        total = s.run.end_step(s.step, total, lambda name: save(s, name))
     return {**row, **last_eval}

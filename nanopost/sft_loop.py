@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -164,6 +165,75 @@ class DataOrder:
         return micro
 
 
+@dataclass
+class SFTState:
+    """What an SFT run builds before its first step (`start`), and what its steps carry on."""
+
+    cfg: SFTConfig
+    run: Run
+    tokenizer: Tokenizer
+    model: Transformer
+    trained: torch.nn.Module  # what the backward runs through: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    order: DataOrder
+    val_batches: list[Batch]
+    acc_items: list[EvalItem]
+    per_step: int  # global micro-batches per optimizer step
+    total: int  # optimizer steps of the whole run
+    step: int = 0  # steps done
+    consumed: int = 0  # global micro-batches drawn: the data position
+    best: float = math.inf  # the best held-out loss so far
+    last_eval: dict = field(default_factory=dict)
+
+
+def start(cfg: SFTConfig, log, monitor) -> SFTState:
+    """Everything before step 1: the data is read, tokenised and checked against the model's
+    context before the model loads; a resumed run gets back its step, data position and best loss."""
+    run = Run(cfg, log, monitor)
+    tokenizer = run.load_tokenizer()
+    train_examples, val_batches, acc_items, n_val = load_data(cfg, tokenizer, run.log)
+    model = load_model(cfg.model, device=run.device, dtype=torch.float32).train()
+    order = DataOrder(train_examples, cfg, tokenizer.pad_token_id)
+    per_step = cfg.grad_accum * run.dist.world
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.per_epoch / per_step))
+    trained, optimizer, saved = run.prepare(model)
+    s = SFTState(cfg, run, tokenizer, model, trained, optimizer, order, val_batches, acc_items, per_step, total,
+                 saved.get("step", 0), saved.get("consumed", 0), saved.get("best_val_loss", math.inf))
+    held_out = f", {n_val:,} held-out" if cfg.val else ""
+    run.begin(s.step, total, f"{len(train_examples):,} examples ({sum(map(len, train_examples)):,} tokens, "
+              f"{sum(e.num_loss_tokens for e in train_examples):,} trained){held_out}; {total - s.step} steps to run, "
+              f"{per_step} micro-batch(es) of {cfg.batch_rows} x {cfg.max_len} tokens each", model)
+    return s
+
+
+def save(s: SFTState, name: str) -> None:
+    """Checkpoint `name`, with the data position and the last evaluation. Every process calls it."""
+    s.run.save(name, s.model, s.optimizer, s.tokenizer, {
+        "step": s.step, "consumed": s.consumed, "best_val_loss": s.best, "world": s.run.dist.world,
+        "metrics": s.last_eval})
+
+
+def held_out_eval(s: SFTState) -> dict:
+    """Held-out loss (and accuracy, when the held-out replies hold answers), logged and recorded;
+    `best` is saved when the loss beats every earlier evaluation."""
+    cfg, dist = s.cfg, s.run.dist
+    row: dict = {"kind": "eval", "step": s.step}
+    with distributed.gathered(s.model):
+        if s.val_batches:
+            row["val_loss"] = held_out_loss(s.model, s.val_batches, s.run.device, cfg.precision, dist)
+        if s.acc_items:
+            res = evaluate(s.model, s.tokenizer, s.acc_items, max_new_tokens=cfg.max_new_tokens, dist=dist,
+                           log=s.run.log)
+            row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
+    s.run.record(row)
+    s.last_eval = row
+    if "val_loss" in row and row["val_loss"] < s.best:
+        s.best = row["val_loss"]
+        save(s, "best")
+    s.run.log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    return row
+
+
 @interrupt.stop_on_signals()
 def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
     """Run SFT as configured; returns the final metrics. Writes everything under cfg.out.
@@ -172,72 +242,34 @@ def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
     Ctrl-C or SIGTERM ends the run after the current step, with `last` saved (plumbing/interrupt.py).
     monitor: what watches the metrics as they come (plumbing/run.py; the script passes LiveMonitor).
     """
-    run = Run(cfg, log, monitor)
-    log, dist, device = run.log, run.dist, run.device
-    tokenizer = run.load_tokenizer()
-    train_examples, val_batches, acc_items, n_val = load_data(cfg, tokenizer, log)
-    model = load_model(cfg.model, device=device, dtype=torch.float32).train()
-    order = DataOrder(train_examples, cfg, tokenizer.pad_token_id)
-    per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.per_epoch / per_step))
-    trained, optimizer, saved = run.prepare(model)
-    # consumed: global micro-batches drawn, i.e. the data position
-    step, consumed, best = saved.get("step", 0), saved.get("consumed", 0), saved.get("best_val_loss", math.inf)
-    held_out = f", {n_val:,} held-out" if cfg.val else ""
-    run.begin(step, total, f"{len(train_examples):,} examples ({sum(map(len, train_examples)):,} tokens, "
-              f"{sum(e.num_loss_tokens for e in train_examples):,} trained){held_out}; {total - step} steps to run, "
-              f"{per_step} micro-batch(es) of {cfg.batch_rows} x {cfg.max_len} tokens each", model)
-
-    def save(name: str, eval_row: dict | None = None) -> None:
-        run.save(name, model, optimizer, tokenizer, {
-            "step": step, "consumed": consumed, "best_val_loss": best, "world": dist.world,
-            "metrics": last_eval if eval_row is None else eval_row})
-
-    def run_eval() -> dict:
-        nonlocal best, last_eval
-        row: dict = {"kind": "eval", "step": step}
-        with distributed.gathered(model):
-            if val_batches:
-                row["val_loss"] = held_out_loss(model, val_batches, device, cfg.precision, dist)
-            if acc_items:
-                res = evaluate(model, tokenizer, acc_items, max_new_tokens=cfg.max_new_tokens, dist=dist, log=log)
-                row.update(accuracy=res["accuracy"], accuracy_lo=res["accuracy_lo"], accuracy_hi=res["accuracy_hi"])
-        run.record(row)
-        if "val_loss" in row and row["val_loss"] < best:
-            best = row["val_loss"]
-            save("best", row)
-        log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        last_eval = row
-        return row
-
-    last_eval: dict = {}
-    row: dict = {}
+    s = start(cfg, log, monitor)
+    dist, total, row = s.run.dist, s.total, {}
     t_last, tokens_since = time.perf_counter(), 0
-    while step < total:
-        lr = lr_at(step, base_lr=cfg.lr, total_steps=total, warmup_steps=min(cfg.warmup_steps, total),
+    while s.step < total:
+        lr = lr_at(s.step, base_lr=cfg.lr, total_steps=total, warmup_steps=min(cfg.warmup_steps, total),
                    kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        micro = order.take(consumed, per_step, dist)
-        consumed += per_step
-        step_loss, n_tokens = accumulate_gradients(trained, micro, device, cfg.precision, dist)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        set_lr(s.optimizer, lr)
+        micro = s.order.take(s.consumed, s.per_step, dist)
+        s.consumed += s.per_step
+        step_loss, n_tokens = accumulate_gradients(s.trained, micro, s.run.device, cfg.precision, dist)
+        grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.clip_grad).item()
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
         tokens_since += sum(int(b.input_ids.numel()) for b in micro) * dist.world
-
         samples = int(dist.all_sum([sum(b.num_examples for b in micro)])[0])
-        row = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+        row = {"kind": "train", "step": s.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                "loss_tokens": n_tokens, "samples": samples}
-        if step % cfg.log_every == 0 or step == total:
+        if s.step % cfg.log_every == 0 or s.step == total:
             now = time.perf_counter()
             row["tok_per_s"] = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
-            log(run.progress.line(step, loss=step_loss, lr=lr, tok_per_s=row["tok_per_s"]))
-        run.record(row)
-        eval_due = run.eval_due(step, total)
+            s.run.log(s.run.progress.line(s.step, loss=step_loss, lr=lr, tok_per_s=row["tok_per_s"]))
+        s.run.record(row)
+        eval_due = s.run.eval_due(s.step, total)
         if eval_due and cfg.val:
-            run_eval()
+            held_out_eval(s)
         # Out of time between evaluations: evaluate the weights the run ends with.
-        total = run.end_step(step, total, save, on_time_out=run_eval if cfg.val and not eval_due else None)
-    return {**last_eval, "step": step, "loss": row.get("loss", math.nan)}
+        total = s.run.end_step(s.step, total, lambda name: save(s, name),
+                               on_time_out=(lambda: held_out_eval(s)) if cfg.val and not eval_due else None)
+    return {**s.last_eval, "step": s.step, "loss": row.get("loss", math.nan)}

@@ -1,0 +1,36 @@
+"""The two training loops read as the algorithm: each fits on a screen and calls named steps."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).resolve().parent.parent / "nanopost"
+SCREEN = 50  # lines, the signature and docstring included
+
+
+def function_lines(path: Path, name: str) -> int:
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return node.end_lineno - first + 1
+
+
+@pytest.mark.parametrize("module, loop", [("grpo_loop.py", "train_grpo"), ("sft_loop.py", "train_sft")])
+def test_each_training_loop_fits_on_a_screen(module, loop):
+    n = function_lines(CORE / module, loop)
+    assert n <= SCREEN, f"{module}: {loop} is {n} lines; give its parts names of their own"
+
+
+@pytest.mark.parametrize("module, steps", [
+    ("grpo_loop.py", {"start", "step_settings", "sample_rollouts", "group_advantages", "update_policy",
+                      "record_step", "held_out_eval", "save"}),
+    ("sft_loop.py", {"start", "accumulate_gradients", "held_out_eval", "save"}),
+])
+def test_each_loop_calls_its_named_steps(module, steps):
+    tree = ast.parse((CORE / module).read_text())
+    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("train_"))
+    called = {n.func.id for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert steps <= called, f"{loop.name} no longer calls {sorted(steps - called)}"
+    nested = [n.name for n in ast.walk(loop) if isinstance(n, ast.FunctionDef) and n is not loop]
+    assert not nested, f"{loop.name} defines closures {nested}: make them named steps of the module"
