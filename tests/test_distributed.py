@@ -214,3 +214,37 @@ def test_single_process_needs_no_process_group(monkeypatch):
     assert d.all_sum([1, 2.5]) == [1.0, 2.5] and d.gather("x") == ["x"] and d.broadcast(3) == 3
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap(model, d) is model
+
+
+def test_leaving_the_process_group_frees_the_run_first(tmp_path):
+    # A model wrapped for FSDP2 sits in reference cycles and holds the group and gloo's pending
+    # work. Left for the interpreter's shutdown, after the group is gone, freeing it can abort a
+    # process whose run finished; so the cycles are collected before the group is destroyed.
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from nanopost.plumbing.config import _leave_process_group
+
+    class Wrapped:
+        pass
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # only the explicit collection may free the cycle
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        model = Wrapped()
+        model.state = Wrapped()
+        model.state.module = model  # a cycle, as fully_shard leaves one
+        alive = weakref.ref(model)
+        del model
+        assert alive() is not None
+        _leave_process_group(clean=True)
+        assert not dist.is_initialized()
+        assert alive() is None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if was_enabled:
+            gc.enable()

@@ -581,12 +581,20 @@ def _leave_process_group(clean: bool) -> None:
     """Leave the torchrun process group `distributed.setup` joined. After a normal end (clean) ranks
     first wait for each other: a peer that closes its connections early can abort one still
     finishing its last collective. After an error there is no waiting, since the other ranks may
-    never arrive. (Here rather than in distributed.py, which builds on this module.)"""
+    never arrive. (Here rather than in distributed.py, which builds on this module.)
+
+    The run's models are freed first. A model wrapped for FSDP2 sits in reference cycles, so it
+    would otherwise live until the interpreter shuts down, holding the group and gloo's pending
+    work; freeing those then, with the interpreter half gone, can abort the process after a run
+    that finished."""
+    import gc
+
     import torch.distributed as dist  # only under torchrun: parsing options never loads torch
 
     if dist.is_initialized():
         if clean:
             dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
