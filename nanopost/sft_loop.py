@@ -179,7 +179,7 @@ class SFTState:
     val_batches: list[Batch]
     acc_items: list[EvalItem]
     per_step: int  # global micro-batches per optimizer step
-    total: int  # optimizer steps of the whole run
+    total: int  # optimizer steps of the run; cut to the step it stops at early
     step: int = 0  # steps done
     consumed: int = 0  # global micro-batches drawn: the data position
     best: float = math.inf  # the best held-out loss so far
@@ -243,10 +243,10 @@ def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
     monitor: what watches the metrics as they come (plumbing/run.py; the script passes LiveMonitor).
     """
     s = start(cfg, log, monitor)
-    dist, total, row = s.run.dist, s.total, {}
+    dist, row = s.run.dist, {}
     t_last, tokens_since = time.perf_counter(), 0
-    while s.step < total:
-        lr = lr_at(s.step, base_lr=cfg.lr, total_steps=total, warmup_steps=min(cfg.warmup_steps, total),
+    while s.step < s.total:
+        lr = lr_at(s.step, base_lr=cfg.lr, total_steps=s.total, warmup_steps=min(cfg.warmup_steps, s.total),
                    kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         set_lr(s.optimizer, lr)
         micro = s.order.take(s.consumed, s.per_step, dist)
@@ -260,16 +260,16 @@ def train_sft(cfg: SFTConfig, log=print, *, monitor=None) -> dict:
         samples = int(dist.all_sum([sum(b.num_examples for b in micro)])[0])
         row = {"kind": "train", "step": s.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                "loss_tokens": n_tokens, "samples": samples}
-        if s.step % cfg.log_every == 0 or s.step == total:
+        if s.step % cfg.log_every == 0 or s.step == s.total:
             now = time.perf_counter()
             row["tok_per_s"] = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
             s.run.log(s.run.progress.line(s.step, loss=step_loss, lr=lr, tok_per_s=row["tok_per_s"]))
         s.run.record(row)
-        eval_due = s.run.eval_due(s.step, total)
+        eval_due = s.run.eval_due(s.step, s.total)
         if eval_due and cfg.val:
             held_out_eval(s)
         # Out of time between evaluations: evaluate the weights the run ends with.
-        total = s.run.end_step(s.step, total, lambda name: save(s, name),
+        s.total = s.run.end_step(s.step, s.total, lambda name: save(s, name),
                                on_time_out=(lambda: held_out_eval(s)) if cfg.val and not eval_due else None)
     return {**s.last_eval, "step": s.step, "loss": row.get("loss", math.nan)}

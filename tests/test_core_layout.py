@@ -7,19 +7,19 @@ import pytest
 
 CORE = Path(__file__).resolve().parent.parent / "nanopost"
 SCREEN = 50  # lines, the signature and docstring included
+LOOPS = {"grpo_loop.py": "train_grpo", "sft_loop.py": "train_sft"}
 
 
-def function_lines(path: Path, name: str) -> int:
-    tree = ast.parse(path.read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    return node.end_lineno - first + 1
+def loop_of(module: str) -> ast.FunctionDef:
+    tree = ast.parse((CORE / module).read_text())
+    return next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == LOOPS[module])
 
 
-@pytest.mark.parametrize("module, loop", [("grpo_loop.py", "train_grpo"), ("sft_loop.py", "train_sft")])
-def test_each_training_loop_fits_on_a_screen(module, loop):
-    n = function_lines(CORE / module, loop)
-    assert n <= SCREEN, f"{module}: {loop} is {n} lines; give its parts names of their own"
+@pytest.mark.parametrize("module", LOOPS)
+def test_each_training_loop_fits_on_a_screen(module):
+    loop = loop_of(module)
+    n = loop.end_lineno - min([loop.lineno] + [d.lineno for d in loop.decorator_list]) + 1
+    assert n <= SCREEN, f"{module}: {loop.name} is {n} lines; give its parts names of their own"
 
 
 @pytest.mark.parametrize("module, steps", [
@@ -28,8 +28,7 @@ def test_each_training_loop_fits_on_a_screen(module, loop):
     ("sft_loop.py", {"start", "accumulate_gradients", "held_out_eval", "save"}),
 ])
 def test_each_loop_calls_its_named_steps(module, steps):
-    tree = ast.parse((CORE / module).read_text())
-    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("train_"))
+    loop = loop_of(module)
     called = {n.func.id for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert steps <= called, f"{loop.name} no longer calls {sorted(steps - called)}"
     nested = [n.name for n in ast.walk(loop) if isinstance(n, ast.FunctionDef) and n is not loop]
